@@ -1,0 +1,214 @@
+"""The ``wanfactory`` command: every job a user runs.
+
+wanfactory demo                      stack up, tiny models, sample catalog, one nightly run
+wanfactory stack up|down|status      the local object store and Prefect server
+wanfactory run nightly [--catalog]   one nightly catalog run
+wanfactory outputs [--run RUN_ID]    what a run published (latest run by default)
+wanfactory models build-tiny         build the offline test models into the model root
+wanfactory catalog validate|synth|upload
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from infra.settings import Settings
+
+app = typer.Typer(
+    help="wanfactory: Wan2.2 video production from catalogs and prompt sheets.", no_args_is_help=True
+)
+stack_app = typer.Typer(help="The local stack: S3 object store and Prefect server.", no_args_is_help=True)
+run_app = typer.Typer(help="Run a flow now, in this process.", no_args_is_help=True)
+models_app = typer.Typer(help="Model weights.", no_args_is_help=True)
+catalog_app = typer.Typer(help="Product catalogs.", no_args_is_help=True)
+app.add_typer(stack_app, name="stack")
+app.add_typer(run_app, name="run")
+app.add_typer(models_app, name="models")
+app.add_typer(catalog_app, name="catalog")
+
+SAMPLE_CATALOG_PREFIX = "catalogs/sample"
+
+
+def _use_local_prefect(settings: Settings) -> None:
+    """Send runs to the local stack's Prefect server unless PREFECT_API_URL points elsewhere."""
+    os.environ.setdefault("PREFECT_API_URL", f"http://127.0.0.1:{settings.prefect_port}/api")
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+
+
+def _ui_url() -> str:
+    return os.environ["PREFECT_API_URL"].removesuffix("/api")
+
+
+@stack_app.command("up")
+def stack_up() -> None:
+    """Start the local object store and Prefect server (idempotent)."""
+    from infra.stack import stack_up as start
+
+    status = start(Settings())
+    typer.echo(status.describe())
+
+
+@stack_app.command("down")
+def stack_down() -> None:
+    """Stop the local stack; its data stays for the next `stack up`."""
+    from infra.stack import stack_down as stop
+
+    stop(Settings())
+    typer.echo("local stack stopped")
+
+
+@stack_app.command("status")
+def stack_status() -> None:
+    """Say what of the local stack is running."""
+    from infra.stack import stack_status as status
+
+    typer.echo(status(Settings()).describe())
+
+
+@models_app.command("build-tiny")
+def build_tiny(
+    rebuild: Annotated[bool, typer.Option(help="rebuild even if the model root already has them")] = False,
+) -> None:
+    """Build the tiny random-weight Wan2.2 models (offline) into the configured model root."""
+    settings = Settings()
+    for folder in ensure_tiny_models(settings, rebuild):
+        typer.echo(f"tiny model ready: {folder}")
+
+
+def ensure_tiny_models(settings: Settings, rebuild: bool = False) -> list[str]:
+    """Make sure the model root holds the tiny models; returns their locations."""
+    from infra.objectstore import ObjectStore
+    from wan_engine import MODEL_FAMILIES, get_model_spec, model_location, save_random_pipeline, split_s3_uri
+
+    locations = []
+    store = ObjectStore(settings.object_store())
+    for family in MODEL_FAMILIES:
+        spec = get_model_spec(family, "tiny")
+        location = model_location(settings.model_root, spec)
+        if location.startswith("s3://"):
+            bucket, prefix = split_s3_uri(location)
+            if bucket != store.bucket:
+                raise typer.BadParameter(
+                    f"model root bucket {bucket} is not the configured bucket {store.bucket}"
+                )
+            if rebuild or not store.exists(f"{prefix}/model_index.json"):
+                with tempfile.TemporaryDirectory() as tmp:
+                    store.upload_folder(save_random_pipeline(spec, Path(tmp)), prefix)
+        elif rebuild or not (Path(location) / "model_index.json").is_file():
+            save_random_pipeline(spec, Path(location).parent)
+        locations.append(location)
+    return locations
+
+
+@catalog_app.command("validate")
+def catalog_validate(uri: str) -> None:
+    """Check a catalog (path or s3://) and list every problem by row and field."""
+    from catalogs.sources import load_catalog
+    from infra.objectstore import ObjectStore
+
+    catalog = load_catalog(uri, ObjectStore(Settings().object_store()).client)
+    for problem in catalog.problems:
+        typer.echo(str(problem))
+    typer.echo(f"{len(catalog.rows)} valid rows, {len(catalog.problems)} problems")
+    raise typer.Exit(1 if catalog.problems else 0)
+
+
+@catalog_app.command("synth")
+def catalog_synth(
+    out: Path,
+    rows: Annotated[int, typer.Option(min=1)] = 10_000,
+    seed: int = 0,
+) -> None:
+    """Write a synthetic catalog of ROWS made-up products to OUT (Parquet)."""
+    import pyarrow.parquet as pq
+
+    from catalogs.sample import synthetic_catalog
+
+    pq.write_table(synthetic_catalog(rows, seed), out)
+    typer.echo(f"wrote {rows} rows to {out}")
+
+
+@catalog_app.command("upload")
+def catalog_upload(
+    folder: Annotated[Path, typer.Argument(help="a folder with catalog.parquet and its images")],
+    prefix: Annotated[str, typer.Option(help="key prefix in the bucket")] = SAMPLE_CATALOG_PREFIX,
+) -> None:
+    """Upload a catalog folder (catalog.parquet and the images it refers to) to the object store."""
+    from infra.objectstore import ObjectStore
+
+    store = ObjectStore(Settings().object_store())
+    store.ensure_bucket()
+    count = store.upload_folder(folder, prefix)
+    typer.echo(f"uploaded {count} files to {store.uri(prefix)}/")
+
+
+@run_app.command("nightly")
+def run_nightly(
+    catalog: Annotated[str | None, typer.Option(help="catalog path or s3:// URI (default: settings)")] = None,
+    force: Annotated[bool, typer.Option(help="regenerate clips that are already published")] = False,
+) -> None:
+    """Run the nightly catalog flow now; the run shows in the Prefect UI."""
+    settings = Settings()
+    _use_local_prefect(settings)
+    from flows.nightly import nightly_catalog
+
+    result = nightly_catalog(catalog_uri=catalog, force=force)
+    _print_result(result, settings)
+
+
+def _print_result(result, settings: Settings) -> None:
+    bucket = settings.s3_bucket
+    typer.echo("")
+    typer.echo(
+        f"run {result.run_id}: " + ", ".join(f"{n} {status}" for status, n in result.manifest.counts.items())
+    )
+    typer.echo(f"  Prefect UI: {_ui_url()}/runs/flow-run/{result.flow_run_id}")
+    typer.echo(f"  manifest:   s3://{bucket}/{result.manifest.parquet_key}")
+    typer.echo(f"              s3://{bucket}/{result.manifest.json_key}")
+    typer.echo(f"  clips:      s3://{bucket}/clips/<sku>/<clip_id>.mp4  (list them: wanfactory outputs)")
+
+
+@app.command()
+def outputs(run: Annotated[str | None, typer.Option(help="run id (default: the latest run)")] = None) -> None:
+    """List what a run did, clip by clip, from its manifest in the object store."""
+    from infra.objectstore import ObjectStore
+
+    store = ObjectStore(Settings().object_store())
+    if run is None:
+        runs = sorted({key.split("/")[1] for key in store.list_keys("runs/")})
+        if not runs:
+            raise typer.BadParameter("no runs in the object store yet")
+        run = runs[-1]
+    manifest = json.loads(store.get_bytes(f"runs/{run}/manifest.json"))
+    typer.echo(f"run {run} ({manifest['catalog']}): {manifest['counts']}")
+    for clip in manifest["clips"]:
+        where = store.uri(clip["clip_key"]) if clip["clip_key"] else clip["reason"]
+        typer.echo(f"  row {clip['row']:>4}  {clip['sku'] or '-':<12} {clip['status']:<11} {where}")
+
+
+@app.command()
+def demo() -> None:
+    """Start the local stack, build the tiny models, upload the sample catalog and run it once."""
+    from catalogs.sample import SAMPLE_DIR
+    from infra.stack import stack_up as start
+
+    settings = Settings()
+    typer.echo(start(settings).describe())
+    ensure_tiny_models(settings)
+    catalog_upload(SAMPLE_DIR, SAMPLE_CATALOG_PREFIX)
+    run_nightly(catalog=f"s3://{settings.s3_bucket}/{SAMPLE_CATALOG_PREFIX}/catalog.parquet", force=False)
+    outputs(run=None)
+
+
+@app.command()
+def config() -> None:
+    """Show the effective settings (from WANFACTORY_* and .env), secrets masked."""
+    settings = Settings()
+    for name, field in Settings.model_fields.items():
+        typer.echo(f"WANFACTORY_{name.upper():<30} {getattr(settings, name)!s:<45} {field.description or ''}")

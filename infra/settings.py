@@ -1,0 +1,101 @@
+"""The one settings object of wanfactory, read from the environment.
+
+Every knob has a documented default that runs the demo against the local stack
+(`wanfactory stack up`). Production overrides them with ``WANFACTORY_*``
+variables (or a ``.env`` file in the working directory). Secrets are
+``SecretStr`` so they never appear in logs, reprs or Prefect parameters.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, SecretStr
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+DEFAULT_STATE_DIR = Path.home() / ".wanfactory"
+
+
+@dataclass(frozen=True)
+class ObjectStoreConfig:
+    """Connection facts for one S3 endpoint (MinIO in production)."""
+
+    endpoint: str
+    access_key: str
+    secret_key: SecretStr
+    bucket: str
+    secure: bool = False
+    region: str = "us-east-1"
+
+
+class Settings(BaseSettings):
+    """wanfactory configuration; each field is ``WANFACTORY_<FIELD>`` in the environment."""
+
+    model_config = SettingsConfigDict(env_prefix="WANFACTORY_", env_file=".env", extra="ignore")
+
+    # Object storage (MinIO in production; the local stack's S3 server by default).
+    s3_endpoint: str = Field("127.0.0.1:7480", description="host:port of the S3 endpoint")
+    s3_access_key: str = Field("wanfactory", description="S3 access key")
+    s3_secret_key: SecretStr = Field(
+        SecretStr("wanfactory-local-secret"),
+        description="S3 secret key (the default is the local stack's development key)",
+    )
+    s3_secure: bool = Field(False, description="use HTTPS for the S3 endpoint")
+    s3_region: str = Field("us-east-1", description="S3 region name")
+    s3_bucket: str = Field("wanfactory", description="bucket for clips, manifests, catalogs and models")
+
+    # Models.
+    model_root: str = Field(
+        "s3://wanfactory/models/tiny",
+        description="folder or s3://bucket/prefix holding one diffusers folder per model "
+        "(Wan2.2-T2V-A14B-Diffusers, Wan2.2-I2V-A14B-Diffusers, Wan2.2-TI2V-5B-Diffusers)",
+    )
+    model_variant: Literal["full", "tiny"] = Field(
+        "tiny", description="'full' for real Wan2.2 weights; 'tiny' for the offline test models"
+    )
+    model_cache_dir: Path = Field(
+        DEFAULT_STATE_DIR / "models", description="local cache for weights fetched from S3"
+    )
+    default_text_model: str = Field("t2v-a14b", description="model for catalog rows without model or image")
+    default_image_model: str = Field("i2v-a14b", description="model for catalog rows with an image")
+    device: str = Field("auto", description="'auto' (cuda when present), 'cuda' or 'cpu'")
+
+    # Ray fan-out.
+    ray_address: str | None = Field(
+        None, description="existing cluster (e.g. 'ray://head:10001' or 'auto'); unset starts a local Ray"
+    )
+    cpu_actors_per_model: int = Field(1, ge=1, description="generator actors per model when Ray sees no GPU")
+    actor_num_cpus: float = Field(0.5, gt=0, description="CPUs reserved by each generator actor")
+    finisher_num_cpus: float = Field(0.5, gt=0, description="CPUs reserved by each encode-and-upload task")
+    ray_object_store_bytes: int = Field(
+        1_000_000_000, description="object store size of a locally started Ray"
+    )
+
+    # Runs.
+    catalog_uri: str = Field(
+        "s3://wanfactory/catalogs/sample/catalog.parquet",
+        description="the nightly run's catalog: a local Parquet path or s3://bucket/key",
+    )
+    link_expiry_hours: int = Field(
+        24, ge=1, le=168, description="lifetime of the presigned clip links in the run's artifacts"
+    )
+    clips_per_task: int = Field(
+        64, ge=1, description="clips per Prefect render task (keeps task runs few for big catalogs)"
+    )
+
+    # Local stack.
+    state_dir: Path = Field(DEFAULT_STATE_DIR, description="where the local stack keeps its data")
+    prefect_port: int = Field(4200, description="port of the local Prefect server")
+    ceph_mon_port: int = Field(6789, description="port of the local object store's monitor")
+
+    def object_store(self) -> ObjectStoreConfig:
+        return ObjectStoreConfig(
+            endpoint=self.s3_endpoint,
+            access_key=self.s3_access_key,
+            secret_key=self.s3_secret_key,
+            bucket=self.s3_bucket,
+            secure=self.s3_secure,
+            region=self.s3_region,
+        )

@@ -1,0 +1,24 @@
+#!/usr/bin/env bash
+# Installs what wanfactory needs on a fresh Debian machine (CPU): system tools, then the project.
+# torch==2.13.0 goes first: any other torch spec would pull several GB of CUDA packages here.
+# A GPU host installs its own CUDA torch first and can run the same script with SKIP_TORCH=1.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+if [ "$(id -u)" = 0 ]; then sudo=""; else sudo="sudo"; fi
+missing=""
+command -v ffmpeg >/dev/null || missing="$missing ffmpeg"
+command -v radosgw >/dev/null || missing="$missing radosgw"
+command -v ceph-mon >/dev/null || missing="$missing ceph-mon"
+command -v ceph-osd >/dev/null || missing="$missing ceph-osd"
+if [ -n "$missing" ]; then
+  echo "installing system packages:$missing"
+  $sudo apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends $missing >/dev/null
+fi
+
+if [ "${SKIP_TORCH:-0}" != 1 ]; then
+  python3 -m pip install -q torch==2.13.0
+fi
+python3 -m pip install -q -e ".[dev]"
+echo "wanfactory installed: $(command -v wanfactory)"

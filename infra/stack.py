@@ -1,0 +1,226 @@
+"""The local stack behind ``wanfactory stack up``: the Ceph object store plus a Prefect server.
+
+Both bind 127.0.0.1 and keep running after the command that started them exits; ``stack_down`` (from any
+later process) stops them through their pid files. All state lives under ``settings.state_dir``::
+
+    s3/        the object store (see infra.object_store_server)
+    prefect/   PREFECT_HOME of the server: its SQLite database, wanfactory-server.pid and server.log
+
+Every function is idempotent: ``stack_up`` on a running stack only checks it (and the bucket).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from minio import Minio
+
+from infra.object_store_server import (
+    CephObjectStore,
+    ObjectStoreServerConfig,
+    http_ok,
+    pid_alive,
+    pid_cmdline,
+    read_pid_file,
+    tail,
+    terminate_pid,
+)
+from infra.settings import Settings
+
+log = logging.getLogger(__name__)
+
+PREFECT_START_TIMEOUT = 90.0  # the first start migrates a fresh SQLite database
+_LOCAL_HOSTS = ("127.0.0.1", "localhost")
+_PREFECT_ARGS = ["-m", "prefect", "server", "start"]
+
+# Starts the server as a grandchild in a session of its own and exits at once: the server is nobody's
+# child, so the process that ran `stack up` (a CLI, a test) never has to reap it, and it outlives it.
+_DETACH = """\
+import subprocess, sys
+with open(sys.argv[1], "ab") as out:
+    server = subprocess.Popen(
+        sys.argv[2:], stdin=subprocess.DEVNULL, stdout=out, stderr=out, start_new_session=True
+    )
+print(server.pid)
+"""
+
+
+class StackError(RuntimeError):
+    """A local stack service could not be started or stopped."""
+
+
+@dataclass(frozen=True)
+class StackStatus:
+    object_store_running: bool
+    s3_endpoint: str
+    prefect_running: bool
+    prefect_ui_url: str
+
+    @property
+    def prefect_api_url(self) -> str:
+        """What PREFECT_API_URL must be for flows to report to this server."""
+        return f"{self.prefect_ui_url}/api"
+
+
+def object_store(settings: Settings) -> CephObjectStore:
+    """The local object store that serves ``settings.s3_endpoint``."""
+    host, _, port = settings.s3_endpoint.rpartition(":")
+    if host not in _LOCAL_HOSTS or not port.isdigit():
+        raise ValueError(
+            f"the local stack serves S3 on 127.0.0.1:PORT, but s3_endpoint is {settings.s3_endpoint!r}: "
+            "set WANFACTORY_S3_ENDPOINT=127.0.0.1:7480 (or another port) to use it"
+        )
+    if settings.s3_secure:
+        raise ValueError("the local stack serves S3 over plain HTTP: set WANFACTORY_S3_SECURE=false")
+    return CephObjectStore(
+        ObjectStoreServerConfig(
+            data_dir=settings.state_dir / "s3",
+            s3_port=int(port),
+            mon_port=settings.ceph_mon_port,
+            access_key=settings.s3_access_key,
+            secret_key=settings.s3_secret_key.get_secret_value(),
+        )
+    )
+
+
+def stack_up(settings: Settings) -> StackStatus:
+    """Start whatever part of the stack is not running, create the bucket if missing, and wait for both.
+
+    Raises ObjectStoreError or StackError naming the service that failed (with its log); a service that
+    did come up is left running, and the next ``stack_up`` reuses it.
+    """
+    store = object_store(settings)
+    # Prefect starts first and comes up while the object store does: they take 5-15 s each.
+    prefect_pid = _start_prefect(settings)
+    store.start()
+    _ensure_bucket(settings, store)
+    _wait_for_prefect(settings, prefect_pid)
+    status = stack_status(settings)
+    log.info(
+        "stack up s3_endpoint=%s bucket=%s prefect_ui=%s state_dir=%s",
+        status.s3_endpoint,
+        settings.s3_bucket,
+        status.prefect_ui_url,
+        settings.state_dir,
+    )
+    return status
+
+
+def stack_down(settings: Settings) -> None:
+    """Stop the Prefect server and the object store (data stays under ``settings.state_dir``)."""
+    pid = _prefect_pid(settings)
+    if pid is not None:
+        # The whole process group, so that anything the server spawned goes with it.
+        terminate_pid(pid, "prefect server", timeout=30, group=True)
+    _prefect_pid_file(settings).unlink(missing_ok=True)
+    object_store(settings).stop()
+    log.info("stack down state_dir=%s", settings.state_dir)
+
+
+def stack_status(settings: Settings) -> StackStatus:
+    """What answers now: the S3 endpoint (anonymous GET /) and Prefect's /api/health."""
+    store = object_store(settings)
+    return StackStatus(
+        object_store_running=store.is_running(),
+        s3_endpoint=store.endpoint,
+        prefect_running=_prefect_healthy(settings),
+        prefect_ui_url=_prefect_url(settings),
+    )
+
+
+def _ensure_bucket(settings: Settings, store: CephObjectStore) -> None:
+    client = Minio(
+        store.endpoint,
+        access_key=settings.s3_access_key,
+        secret_key=settings.s3_secret_key.get_secret_value(),
+        secure=False,
+        region=settings.s3_region,
+    )
+    if not client.bucket_exists(settings.s3_bucket):
+        client.make_bucket(settings.s3_bucket)
+        log.info("bucket created bucket=%s endpoint=%s", settings.s3_bucket, store.endpoint)
+
+
+# -- Prefect server ------------------------------------------------------------------------------------------
+
+
+def _prefect_home(settings: Settings) -> Path:
+    return settings.state_dir / "prefect"
+
+
+def _prefect_pid_file(settings: Settings) -> Path:
+    # Not server.pid: that is `prefect server start --background`'s own file, and its presence makes
+    # Prefect misreport a busy port as "a background server is already running".
+    return _prefect_home(settings) / "wanfactory-server.pid"
+
+
+def _prefect_log(settings: Settings) -> Path:
+    return _prefect_home(settings) / "server.log"
+
+
+def _prefect_url(settings: Settings) -> str:
+    return f"http://127.0.0.1:{settings.prefect_port}"
+
+
+def _prefect_healthy(settings: Settings) -> bool:
+    return http_ok(f"{_prefect_url(settings)}/api/health")
+
+
+def _prefect_pid(settings: Settings) -> int | None:
+    """The pid of our server if it is alive (checked against its argv: a stale pid may be reused)."""
+    pid = read_pid_file(_prefect_pid_file(settings))
+    if pid is None or not pid_alive(pid):
+        return None
+    cmdline = pid_cmdline(pid)
+    if cmdline[1:5] != _PREFECT_ARGS or cmdline[-1] != str(settings.prefect_port):
+        return None
+    return pid
+
+
+def _start_prefect(settings: Settings) -> int | None:
+    """Launch the server unless it runs; returns the pid to wait for (None: another server answers)."""
+    pid = _prefect_pid(settings)
+    if pid is not None:
+        return pid
+    if _prefect_healthy(settings):
+        # Not started by this stack (e.g. a foreground `prefect server start`): use it as it is.
+        log.warning(
+            "prefect server already answers, not started by this stack url=%s", _prefect_url(settings)
+        )
+        return None
+    home = _prefect_home(settings)
+    home.mkdir(parents=True, exist_ok=True)
+    env = {**os.environ, "PREFECT_HOME": str(home), "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
+    argv = [sys.executable, *_PREFECT_ARGS, "--host", "127.0.0.1", "--port", str(settings.prefect_port)]
+    launched = subprocess.run(
+        [sys.executable, "-c", _DETACH, str(_prefect_log(settings)), *argv],
+        check=True,
+        env=env,
+        cwd=home,  # not the caller's directory: Prefect would read a prefect.toml or .env found there
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    pid = int(launched.stdout)
+    _prefect_pid_file(settings).write_text(f"{pid}\n")
+    log.info("prefect server launched pid=%d url=%s home=%s", pid, _prefect_url(settings), home)
+    return pid
+
+
+def _wait_for_prefect(settings: Settings, pid: int | None) -> None:
+    deadline = time.monotonic() + PREFECT_START_TIMEOUT
+    while not _prefect_healthy(settings):
+        exited = pid is not None and not pid_alive(pid)
+        if exited or time.monotonic() > deadline:
+            url = f"{_prefect_url(settings)}/api/health"
+            why = "exited at start" if exited else f"did not answer {url} in {PREFECT_START_TIMEOUT:.0f} s"
+            server_log = _prefect_log(settings)
+            raise StackError(f"prefect server {why}\n--- {server_log} (tail) ---\n{tail(server_log)}")
+        time.sleep(0.5)

@@ -1,0 +1,88 @@
+"""The run manifest: one row per planned clip or rejected catalog row, as Parquet and JSON."""
+
+from __future__ import annotations
+
+import io
+import json
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from infra.objectstore import ObjectStore
+from tasks.records import ManifestEntry
+
+MANIFEST_SCHEMA = pa.schema(
+    [
+        ("run_id", pa.string()),
+        ("row", pa.int64()),
+        ("sku", pa.string()),
+        ("status", pa.string()),
+        ("reason", pa.string()),
+        ("stage", pa.string()),
+        ("clip_id", pa.string()),
+        ("model", pa.string()),
+        ("seed", pa.int64()),
+        ("prompt", pa.string()),
+        ("prompt_sha256", pa.string()),
+        ("image_uri", pa.string()),
+        ("width", pa.int32()),
+        ("height", pa.int32()),
+        ("num_frames", pa.int32()),
+        ("fps", pa.int32()),
+        ("clip_key", pa.string()),
+        ("thumbnail_key", pa.string()),
+        ("video_bytes", pa.int64()),
+        ("generate_seconds", pa.float64()),
+        ("expert_calls", pa.string()),  # JSON: transformer forward passes per expert
+        ("worker", pa.string()),
+    ]
+)
+
+
+@dataclass(frozen=True)
+class ManifestLocation:
+    parquet_key: str
+    json_key: str
+    counts: dict[str, int]
+
+
+def manifest_table(entries: Sequence[ManifestEntry]) -> pa.Table:
+    ordered = sorted(entries, key=lambda e: (e.row, e.clip_id or ""))
+    return pa.Table.from_pylist([e.to_record() for e in ordered], schema=MANIFEST_SCHEMA)
+
+
+def status_counts(entries: Sequence[ManifestEntry]) -> dict[str, int]:
+    return dict(sorted(Counter(str(e.status) for e in entries).items()))
+
+
+def write_manifest(
+    store: ObjectStore, run_id: str, catalog_uri: str, entries: Sequence[ManifestEntry]
+) -> ManifestLocation:
+    """Store the manifest under ``runs/<run_id>/`` as ``manifest.parquet`` and ``manifest.json``."""
+    table = manifest_table(entries)
+    counts = status_counts(entries)
+    prefix = f"runs/{run_id}"
+    buffer = io.BytesIO()
+    pq.write_table(table, buffer)
+    metadata = {"run-id": run_id}
+    store.put_bytes(
+        f"{prefix}/manifest.parquet", buffer.getvalue(), "application/vnd.apache.parquet", metadata
+    )
+    document = {
+        "run_id": run_id,
+        "catalog": catalog_uri,
+        "written_at": datetime.now(UTC).isoformat(),
+        "counts": counts,
+        "clips": table.to_pylist(),
+    }
+    store.put_bytes(
+        f"{prefix}/manifest.json",
+        json.dumps(document, indent=1, ensure_ascii=False).encode(),
+        "application/json",
+        metadata,
+    )
+    return ManifestLocation(f"{prefix}/manifest.parquet", f"{prefix}/manifest.json", counts)

@@ -1,0 +1,161 @@
+"""The typed records that flow through a run.
+
+catalog row -> :class:`ClipSpec` (planned) -> :class:`GeneratedClip` (frames from a
+generator actor) -> :class:`FinishedClip` (encoded files) -> :class:`ManifestEntry`
+(what happened, as stored in the run manifest). Every planned clip, and every
+catalog row that could not be planned, ends as exactly one manifest entry.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from enum import StrEnum
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from wan_engine import GenerationRequest
+
+if TYPE_CHECKING:
+    from PIL.Image import Image
+
+
+class ClipStatus(StrEnum):
+    PUBLISHED = "published"  # generated, encoded and stored in this run
+    SKIPPED = "skipped"  # the same clip (same clip id) is already published
+    QUARANTINED = "quarantined"  # generated but held back from publishing
+    FAILED = "failed"  # invalid row, or an error in generation, encoding or upload
+
+
+@dataclass(frozen=True)
+class ClipSpec:
+    """One planned clip: every input that determines its frames, resolved and checked."""
+
+    clip_id: str
+    row: int
+    sku: str
+    model: str  # the spec name, e.g. "t2v-a14b" or "t2v-a14b-tiny"
+    family: str
+    variant: str
+    prompt: str
+    negative_prompt: str
+    width: int
+    height: int
+    num_frames: int
+    fps: int
+    steps: int
+    guidance_scale: float
+    guidance_scale_2: float | None
+    seed: int
+    image_uri: str | None
+    image_sha256: str | None
+    prompt_sha256: str
+
+    @property
+    def clip_key(self) -> str:
+        return f"clips/{self.sku}/{self.clip_id}.mp4"
+
+    @property
+    def thumbnail_key(self) -> str:
+        return f"clips/{self.sku}/{self.clip_id}.jpg"
+
+    def request(self, image: Image | None = None) -> GenerationRequest:
+        return GenerationRequest(
+            prompt=self.prompt,
+            negative_prompt=self.negative_prompt,
+            seed=self.seed,
+            width=self.width,
+            height=self.height,
+            num_frames=self.num_frames,
+            steps=self.steps,
+            guidance_scale=self.guidance_scale,
+            guidance_scale_2=self.guidance_scale_2,
+            image=image,
+        )
+
+
+@dataclass(frozen=True)
+class GeneratedClip:
+    """A generator actor's answer for one clip: frames, or the error that stopped it."""
+
+    spec: ClipSpec
+    frames: np.ndarray | None  # uint8 (frames, height, width, 3)
+    fps: int
+    seconds: float
+    expert_calls: dict[str, int]
+    worker: str  # which actor (node and GPU) made it
+    error: str | None = None
+
+
+@dataclass(frozen=True)
+class FinishedClip:
+    """A clip encoded for delivery, in local files ready to upload."""
+
+    spec: ClipSpec
+    video_path: Path
+    thumbnail_path: Path
+    frame_count: int
+    fps: int
+    generated: GeneratedClip = field(repr=False)
+
+
+@dataclass(frozen=True)
+class ManifestEntry:
+    """The outcome of one planned clip or one rejected catalog row."""
+
+    run_id: str
+    row: int
+    sku: str | None
+    status: ClipStatus
+    reason: str = ""  # why it failed or was skipped; empty when published
+    stage: str = ""  # where it ended: validate, plan, generate, encode, upload, publish
+    clip_id: str | None = None
+    model: str | None = None
+    seed: int | None = None
+    prompt: str | None = None
+    prompt_sha256: str | None = None
+    image_uri: str | None = None
+    width: int | None = None
+    height: int | None = None
+    num_frames: int | None = None
+    fps: int | None = None
+    clip_key: str | None = None
+    thumbnail_key: str | None = None
+    video_bytes: int | None = None
+    generate_seconds: float | None = None
+    expert_calls: dict[str, int] = field(default_factory=dict)
+    worker: str | None = None
+
+    @classmethod
+    def for_spec(cls, spec: ClipSpec, run_id: str, status: ClipStatus, **details: Any) -> ManifestEntry:
+        return cls(
+            run_id=run_id,
+            row=spec.row,
+            sku=spec.sku,
+            status=status,
+            clip_id=spec.clip_id,
+            model=spec.model,
+            seed=spec.seed,
+            prompt=spec.prompt,
+            prompt_sha256=spec.prompt_sha256,
+            image_uri=spec.image_uri,
+            width=spec.width,
+            height=spec.height,
+            num_frames=spec.num_frames,
+            fps=spec.fps,
+            **details,
+        )
+
+    def to_record(self) -> dict[str, Any]:
+        """A flat record for Parquet and JSON (expert calls as a JSON string)."""
+        record = asdict(self)
+        record["status"] = str(self.status)
+        record["expert_calls"] = json.dumps(self.expert_calls, sort_keys=True)
+        return record
+
+
+def failed_entry(spec: ClipSpec, run_id: str, stage: str, reason: str, **details: Any) -> ManifestEntry:
+    """The manifest entry of a planned clip that stopped at ``stage``."""
+    return ManifestEntry.for_spec(spec, run_id, ClipStatus.FAILED, stage=stage, reason=reason, **details)

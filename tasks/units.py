@@ -1,0 +1,163 @@
+"""The Prefect tasks of a run: thin units over catalogs, planning, the fleet and the manifest.
+
+Granularity is chosen for big catalogs: one task loads, one plans, one renders each
+batch of ``clips_per_task`` clips (a 10,000-row catalog is ~160 render tasks, not
+10,000), and one writes the manifest. Per-clip status lives in the artifacts.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from datetime import timedelta
+from uuid import UUID
+
+from prefect import get_run_logger, task
+from prefect.artifacts import (
+    create_markdown_artifact,
+    create_progress_artifact,
+    create_table_artifact,
+    update_progress_artifact,
+)
+from prefect.cache_policies import NO_CACHE
+from tqdm import tqdm
+
+from catalogs.schema import ValidatedCatalog
+from catalogs.sources import load_catalog, read_bytes
+from infra.objectstore import ObjectStore
+from infra.settings import Settings
+from tasks.fleet import GenerationFleet
+from tasks.manifest import ManifestLocation, status_counts, write_manifest
+from tasks.planning import Plan, PlanningRules, plan_clips
+from tasks.records import ClipSpec, ClipStatus, ManifestEntry
+
+# Reading images for their digests is I/O bound: a few threads hide the object store's latency.
+_DIGEST_THREADS = 8
+
+
+class RunProgress:
+    """A Prefect progress artifact, and a terminal progress bar, that advance as clips end."""
+
+    def __init__(self, total: int, description: str) -> None:
+        self.total, self.done, self.description = total, 0, description
+        self.artifact_id: UUID = create_progress_artifact(
+            progress=100.0 if total == 0 else 0.0, key="clip-progress", description=description
+        )
+        # disable=None: a bar on a terminal, nothing in logs and CI.
+        self.bar = tqdm(total=total, desc=description, unit="clip", disable=None)
+
+    def advance(self, count: int = 1) -> None:
+        self.done += count
+        self.bar.update(count)
+        update_progress_artifact(
+            self.artifact_id,
+            progress=100.0 * self.done / max(self.total, 1),
+            description=f"{self.description}: {self.done}/{self.total} clips",
+        )
+
+
+# Catalog reads are cheap and must see the latest catalog: never cached, retried on storage hiccups.
+@task(retries=2, retry_delay_seconds=5, cache_policy=NO_CACHE)
+def load_catalog_task(catalog_uri: str, settings: Settings) -> ValidatedCatalog:
+    catalog = load_catalog(catalog_uri, ObjectStore(settings.object_store()).client)
+    get_run_logger().info(
+        "catalog loaded uri=%s valid_rows=%d problems=%d",
+        catalog_uri,
+        len(catalog.rows),
+        len(catalog.problems),
+    )
+    return catalog
+
+
+def _digest(uri: str, store: ObjectStore) -> tuple[str, str | None]:
+    try:
+        return uri, hashlib.sha256(read_bytes(uri, store.client)).hexdigest()
+    except Exception:
+        return uri, None
+
+
+# Planning lists what is already published, which changes every run: never cached.
+@task(retries=2, retry_delay_seconds=5, cache_policy=NO_CACHE)
+def plan_task(catalog: ValidatedCatalog, run_id: str, settings: Settings, force: bool = False) -> Plan:
+    store = ObjectStore(settings.object_store())
+    uris = sorted({row.image_uri for row in catalog.rows if row.image_uri})
+    with ThreadPoolExecutor(_DIGEST_THREADS) as pool:
+        digests = dict(pool.map(lambda uri: _digest(uri, store), uris))
+    published = set() if force else set(store.list_keys("clips/"))
+    rules = PlanningRules(settings.model_variant, settings.default_text_model, settings.default_image_model)
+    plan = plan_clips(catalog, rules, run_id, digests, published)
+    get_run_logger().info(
+        "plan to_generate=%d skipped=%d rejected=%d", len(plan.clips), len(plan.skipped), len(plan.rejected)
+    )
+    return plan
+
+
+# A render batch is not retried as a whole: clip failures are manifest entries, and a rerun of
+# the flow skips every clip already published, so it resumes where a crash left off.
+@task(cache_policy=NO_CACHE)
+def render_batch_task(
+    fleet: GenerationFleet, clips: Sequence[ClipSpec], progress: RunProgress
+) -> list[ManifestEntry]:
+    logger = get_run_logger()
+    entries = []
+    for entry in fleet.run(clips):
+        entries.append(entry)
+        progress.advance()
+        logger.info(
+            "clip %s sku=%s clip_id=%s model=%s%s",
+            entry.status,
+            entry.sku,
+            entry.clip_id,
+            entry.model,
+            f" stage={entry.stage} reason={entry.reason}" if entry.status == ClipStatus.FAILED else "",
+        )
+    return entries
+
+
+@task(retries=3, retry_delay_seconds=5, cache_policy=NO_CACHE)
+def write_manifest_task(
+    run_id: str, catalog_uri: str, entries: Sequence[ManifestEntry], settings: Settings
+) -> ManifestLocation:
+    location = write_manifest(ObjectStore(settings.object_store()), run_id, catalog_uri, entries)
+    get_run_logger().info("manifest written key=%s counts=%s", location.parquet_key, location.counts)
+    return location
+
+
+@task(cache_policy=NO_CACHE)
+def report_task(
+    run_id: str, entries: Sequence[ManifestEntry], manifest: ManifestLocation, settings: Settings
+) -> None:
+    """The run's table artifact (every clip) and a markdown summary with the failures and their reasons."""
+    store = ObjectStore(settings.object_store())
+    expiry = timedelta(hours=settings.link_expiry_hours)
+    ordered = sorted(entries, key=lambda e: e.row)
+    create_table_artifact(
+        key="clip-summary",
+        table=[
+            {
+                "row": e.row,
+                "sku": e.sku or "",
+                "status": str(e.status),
+                "model": e.model or "",
+                "seconds": e.generate_seconds,
+                "clip": store.presigned_url(e.clip_key, expiry) if e.clip_key else "",
+                "reason": e.reason,
+            }
+            for e in ordered
+        ],
+        description=f"Every clip of run {run_id}; links expire after {settings.link_expiry_hours} h",
+    )
+    counts = status_counts(entries)
+    failures = [e for e in ordered if e.status == ClipStatus.FAILED]
+    lines = [
+        f"# Run {run_id}",
+        "",
+        " | ".join(f"**{status}**: {count}" for status, count in counts.items()),
+        "",
+        f"Manifest: `{store.uri(manifest.parquet_key)}` and `{store.uri(manifest.json_key)}`",
+    ]
+    if failures:
+        lines += ["", "## Failures", "", "| row | sku | stage | reason |", "|---|---|---|---|"]
+        lines += [f"| {e.row} | {e.sku or ''} | {e.stage} | {e.reason.replace('|', '/')} |" for e in failures]
+    create_markdown_artifact(key="run-summary", markdown="\n".join(lines), description=f"Summary of {run_id}")

@@ -1,0 +1,99 @@
+"""Real services for the tests: a Ceph RGW S3 server, a Prefect test server, a local Ray.
+
+Each is started once per test session. The flow reads its settings from the
+environment, as in production, so the session points ``WANFACTORY_*`` at them.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import socket
+from collections.abc import Iterator
+
+import pytest
+
+from infra.object_store_server import CephObjectStore, ObjectStoreServerConfig
+from infra.objectstore import ObjectStore
+from infra.settings import Settings
+
+TEST_BUCKET = "wanfactory-test"
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory) -> Iterator[CephObjectStore]:
+    config = ObjectStoreServerConfig(
+        data_dir=tmp_path_factory.mktemp("s3"),
+        s3_port=free_port(),
+        mon_port=free_port(),
+        access_key="wanfactory-test",
+        secret_key=secrets.token_urlsafe(24),
+    )
+    server = CephObjectStore(config)
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def settings(s3_server, tmp_path_factory) -> Iterator[Settings]:
+    env = {
+        "WANFACTORY_S3_ENDPOINT": s3_server.endpoint,
+        "WANFACTORY_S3_ACCESS_KEY": s3_server.config.access_key,
+        "WANFACTORY_S3_SECRET_KEY": s3_server.config.secret_key,
+        "WANFACTORY_S3_BUCKET": TEST_BUCKET,
+        "WANFACTORY_MODEL_ROOT": f"s3://{TEST_BUCKET}/models/tiny",
+        "WANFACTORY_MODEL_VARIANT": "tiny",
+        "WANFACTORY_MODEL_CACHE_DIR": str(tmp_path_factory.mktemp("model-cache")),
+        "WANFACTORY_STATE_DIR": str(tmp_path_factory.mktemp("state")),
+        "WANFACTORY_CPU_ACTORS_PER_MODEL": "1",
+        "WANFACTORY_CLIPS_PER_TASK": "5",
+    }
+    saved = {key: os.environ.get(key) for key in env}
+    os.environ.update(env)
+    yield Settings()
+    for key, value in saved.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
+
+
+@pytest.fixture(scope="session")
+def store(settings) -> ObjectStore:
+    store = ObjectStore(settings.object_store())
+    store.ensure_bucket()
+    return store
+
+
+@pytest.fixture(scope="session")
+def tiny_models(settings, store) -> list[str]:
+    """The tiny models, uploaded to the object store so actors load them from an S3 prefix."""
+    from flows.cli import ensure_tiny_models
+
+    return ensure_tiny_models(settings)
+
+
+@pytest.fixture(scope="session")
+def prefect_server() -> Iterator[None]:
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=120):
+        yield
+
+
+@pytest.fixture(scope="session")
+def ray_cluster(settings) -> Iterator[None]:
+    import ray
+
+    from tasks.fleet import connect_ray
+
+    connect_ray(settings)
+    yield
+    ray.shutdown()

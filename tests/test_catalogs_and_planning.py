@@ -1,0 +1,177 @@
+"""Catalog validation and clip planning: pure logic, no services."""
+
+from __future__ import annotations
+
+import hashlib
+from datetime import UTC, datetime
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from catalogs.prompts import STYLES, product_prompt
+from catalogs.sample import SAMPLE_CATALOG, SAMPLE_PRODUCTS, synthetic_catalog
+from catalogs.schema import CATALOG_SCHEMA, CatalogSchemaError, validate_catalog
+from catalogs.sources import load_catalog, resolve_reference
+from tasks.fleet import plan_fleets
+from tasks.planning import PlanningRules, derived_seed, plan_clips
+from tasks.records import ClipStatus
+
+RULES = PlanningRules(variant="tiny", default_text_model="t2v-a14b", default_image_model="i2v-a14b")
+NOW = datetime(2026, 11, 21, tzinfo=UTC)
+
+
+def catalog_table(rows: list[dict]) -> pa.Table:
+    base = {"title": "Mug", "description": "A mug.", "style": "studio", "updated_at": NOW}
+    return pa.Table.from_pylist([{**base, **row} for row in rows], schema=CATALOG_SCHEMA)
+
+
+def digests_of(catalog) -> dict[str, str]:
+    return {
+        row.image_uri: hashlib.sha256(open(row.image_uri, "rb").read()).hexdigest()
+        for row in catalog.rows
+        if row.image_uri
+    }
+
+
+def test_sample_catalog_is_valid_and_plans_every_row():
+    catalog = load_catalog(str(SAMPLE_CATALOG))
+    assert not catalog.problems and len(catalog.rows) == len(SAMPLE_PRODUCTS) >= 10
+    assert sum(1 for row in catalog.rows if row.image_uri) >= 3
+    plan = plan_clips(catalog, RULES, "run-1", digests_of(catalog), published_keys=set())
+    assert not plan.rejected and len(plan.clips) == len(catalog.rows)
+    assert {clip.model for clip in plan.clips} == {"t2v-a14b-tiny", "i2v-a14b-tiny", "ti2v-5b-tiny"}
+
+
+def test_validation_names_row_and_field_and_keeps_good_rows():
+    table = catalog_table(
+        [
+            {"sku": "GOOD-1"},
+            {"sku": None},
+            {"sku": "BAD STYLE", "style": "vaporwave"},
+            {"sku": "NEG-SEED", "seed": -1, "size": "wide"},
+            {"sku": "GOOD-1"},
+        ]
+    )
+    catalog = validate_catalog(table)
+    assert [row.sku for row in catalog.rows] == ["GOOD-1"]
+    messages = [str(problem) for problem in catalog.problems]
+    assert "row 1, field 'sku': is required" in messages
+    assert any(m.startswith("row 2 (sku 'BAD STYLE'), field 'sku'") for m in messages)
+    assert any(
+        m.startswith("row 2 (sku 'BAD STYLE'), field 'style': unknown style 'vaporwave'") for m in messages
+    )
+    assert any(m.startswith("row 3 (sku 'NEG-SEED'), field 'seed'") for m in messages)
+    assert any(
+        m.startswith("row 3 (sku 'NEG-SEED'), field 'size': 'wide' is not WIDTHxHEIGHT") for m in messages
+    )
+    assert "row 4 (sku 'GOOD-1'), field 'sku': duplicates row 0" in messages
+
+
+def test_a_missing_required_column_is_named():
+    table = catalog_table([{"sku": "A"}]).drop_columns(["style"])
+    with pytest.raises(CatalogSchemaError, match="style"):
+        validate_catalog(table)
+
+
+def test_naive_timestamps_and_missing_optional_columns_are_accepted():
+    table = pa.table(
+        {
+            "sku": ["A"],
+            "title": ["T"],
+            "description": ["D"],
+            "style": ["studio"],
+            "updated_at": pa.array([1], pa.timestamp("ms")),
+        }
+    )
+    (row,) = validate_catalog(table).rows
+    assert row.updated_at.tzinfo is not None and row.image_uri is None and row.seed is None
+
+
+def test_prompt_template_and_override():
+    (row,) = validate_catalog(
+        catalog_table([{"sku": "A", "title": "Stone mug.", "description": "Blue glaze"}])
+    ).rows
+    assert product_prompt(row) == f"Stone mug. Blue glaze. {STYLES['studio']}"
+    (own,) = validate_catalog(catalog_table([{"sku": "A", "prompt": "My own prompt"}])).rows
+    assert product_prompt(own) == "My own prompt"
+
+
+def test_image_references_resolve_against_the_catalog(tmp_path):
+    assert (
+        resolve_reference("images/a.png", "s3://b/catalogs/x/catalog.parquet")
+        == "s3://b/catalogs/x/images/a.png"
+    )
+    assert resolve_reference("../a.png", "s3://b/catalogs/x/catalog.parquet") == "s3://b/catalogs/a.png"
+    assert resolve_reference("s3://o/a.png", "/any/catalog.parquet") == "s3://o/a.png"
+    path = tmp_path / "catalog.parquet"
+    pq.write_table(catalog_table([{"sku": "A", "image_uri": "img/a.png"}]), path)
+    (row,) = load_catalog(str(path)).rows
+    assert row.image_uri == str(tmp_path / "img" / "a.png")
+
+
+def test_clip_ids_are_deterministic_and_follow_every_input():
+    base = catalog_table([{"sku": "A"}, {"sku": "B", "seed": 7}])
+    plan = plan_clips(validate_catalog(base), RULES, "run-1", {}, set())
+    again = plan_clips(validate_catalog(base), RULES, "run-2", {}, set())
+    assert [c.clip_id for c in plan.clips] == [c.clip_id for c in again.clips]
+    assert plan.clips[0].seed == derived_seed("A") and plan.clips[1].seed == 7
+    changed = catalog_table([{"sku": "A", "description": "A different mug."}, {"sku": "B", "seed": 8}])
+    replanned = plan_clips(validate_catalog(changed), RULES, "run-3", {}, set())
+    assert all(a.clip_id != b.clip_id for a, b in zip(plan.clips, replanned.clips, strict=True))
+    other_model = plan_clips(
+        validate_catalog(base), RULES.__class__("tiny", "ti2v-5b", "i2v-a14b"), "r", {}, set()
+    )
+    assert other_model.clips[0].clip_id != plan.clips[0].clip_id
+
+
+def test_published_clips_are_skipped_with_a_reason():
+    catalog = validate_catalog(catalog_table([{"sku": "A"}, {"sku": "B"}]))
+    first = plan_clips(catalog, RULES, "run-1", {}, set())
+    second = plan_clips(catalog, RULES, "run-2", {}, {first.clips[0].clip_key})
+    assert [c.sku for c in second.clips] == ["B"]
+    (skipped,) = second.skipped
+    assert (
+        skipped.status == ClipStatus.SKIPPED and skipped.sku == "A" and "already published" in skipped.reason
+    )
+
+
+def test_rows_the_models_cannot_do_are_rejected_with_reasons():
+    table = catalog_table(
+        [
+            {"sku": "OK"},
+            {"sku": "UNKNOWN-MODEL", "model": "sora"},
+            {"sku": "BAD-SIZE", "size": "1000x1000"},
+            {"sku": "NO-IMAGE", "image_uri": "/nowhere/photo.png"},
+            {"sku": "IMAGE-ON-T2V", "model": "t2v-a14b", "image_uri": "/here/photo.png"},
+            {"sku": "I2V-NO-IMAGE", "model": "i2v-a14b"},
+        ]
+    )
+    plan = plan_clips(validate_catalog(table), RULES, "run-1", {"/here/photo.png": "ab" * 32}, set())
+    assert [c.sku for c in plan.clips] == ["OK"]
+    reasons = {entry.sku: entry.reason for entry in plan.rejected}
+    assert all(entry.status == ClipStatus.FAILED and entry.stage == "plan" for entry in plan.rejected)
+    assert "field 'model': unknown model 'sora'" in reasons["UNKNOWN-MODEL"]
+    assert "field 'size': 1000x1000 is not one of t2v-a14b-tiny's sizes" in reasons["BAD-SIZE"]
+    assert "field 'image_uri': no image found at /nowhere/photo.png" in reasons["NO-IMAGE"]
+    assert "takes no image" in reasons["IMAGE-ON-T2V"]
+    assert "needs an image" in reasons["I2V-NO-IMAGE"]
+
+
+def test_synthetic_catalogs_are_valid_at_scale():
+    table = synthetic_catalog(10_000, seed=1, image_uris=("s3://b/a.png",))
+    catalog = validate_catalog(table)
+    assert len(catalog.rows) == 10_000 and not catalog.problems
+    assert synthetic_catalog(50, seed=1).equals(synthetic_catalog(50, seed=1))
+
+
+def test_fleet_shapes():
+    (cpu,) = plan_fleets({"t2v-a14b": 5, "i2v-a14b": 2}, gpus=0, cpu_actors_per_model=2, actor_cpus=0.5)
+    assert cpu.actors == {"i2v-a14b": 2, "t2v-a14b": 2} and cpu.num_gpus == 0
+    (shared,) = plan_fleets({"t2v-a14b": 90, "i2v-a14b": 10}, gpus=4, cpu_actors_per_model=1, actor_cpus=1)
+    assert shared.actors == {"t2v-a14b": 3, "i2v-a14b": 1} and shared.num_gpus == 1
+    turns = plan_fleets(
+        {"t2v-a14b": 9, "i2v-a14b": 1, "ti2v-5b": 0}, gpus=1, cpu_actors_per_model=1, actor_cpus=1
+    )
+    assert [shape.actors for shape in turns] == [{"i2v-a14b": 1}, {"t2v-a14b": 1}]
+    assert plan_fleets({}, gpus=8, cpu_actors_per_model=1, actor_cpus=1) == []

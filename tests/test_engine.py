@@ -1,0 +1,122 @@
+"""wan_engine on the tiny random-weight models, loaded from disk like real weights."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from wan_engine import (
+    GenerationRequest,
+    InvalidRequestError,
+    WanGenerator,
+    get_model_spec,
+    save_random_pipeline,
+)
+from wan_engine.specs import UnknownModelError
+
+
+@pytest.fixture(scope="module")
+def tiny_folders(tmp_path_factory):
+    root = tmp_path_factory.mktemp("tiny-models")
+    return {
+        family: save_random_pipeline(get_model_spec(family, "tiny"), root)
+        for family in ("t2v-a14b", "i2v-a14b", "ti2v-5b")
+    }
+
+
+@pytest.fixture(scope="module")
+def t2v(tiny_folders):
+    return WanGenerator.from_pretrained(
+        tiny_folders["t2v-a14b"], get_model_spec("t2v-a14b", "tiny"), device="cpu"
+    )
+
+
+def product_image(width: int = 96, height: int = 64) -> Image.Image:
+    pixels = np.random.default_rng(3).integers(0, 255, (height, width, 3), dtype=np.uint8)
+    return Image.fromarray(pixels)
+
+
+def test_specs_carry_the_official_defaults():
+    t2v, i2v, ti2v = (get_model_spec(f) for f in ("t2v-a14b", "i2v-a14b", "ti2v-5b"))
+    assert (t2v.boundary_ratio, t2v.steps, t2v.guidance_scale, t2v.guidance_scale_2) == (0.875, 40, 4.0, 3.0)
+    assert (t2v.flow_shift, t2v.fps, t2v.num_frames) == (12.0, 16, 81)
+    assert (i2v.boundary_ratio, i2v.steps, i2v.guidance_scale, i2v.guidance_scale_2, i2v.flow_shift) == (
+        0.9,
+        40,
+        3.5,
+        3.5,
+        5.0,
+    )
+    assert i2v.requires_image and not t2v.accepts_image and ti2v.accepts_image and not ti2v.requires_image
+    assert ti2v.boundary_ratio is None and ti2v.expand_timesteps
+    assert (ti2v.steps, ti2v.guidance_scale, ti2v.flow_shift, ti2v.fps, ti2v.num_frames) == (
+        50,
+        5.0,
+        5.0,
+        24,
+        121,
+    )
+    assert ti2v.default_size == (1280, 704) and (832, 480) in t2v.sizes and (1280, 720) in t2v.sizes
+    assert (
+        t2v.architecture.transformer["num_layers"] == 40 and ti2v.architecture.transformer["num_layers"] == 30
+    )
+    # Tiny variants keep the denoising recipe.
+    tiny = get_model_spec("t2v-a14b", "tiny")
+    assert (tiny.steps, tiny.boundary_ratio, tiny.guidance_scale, tiny.flow_shift) == (40, 0.875, 4.0, 12.0)
+
+
+def test_unknown_model_is_a_clear_error():
+    with pytest.raises(UnknownModelError, match="unknown model 'wan3'"):
+        get_model_spec("wan3")
+
+
+def test_same_seed_same_frames_and_both_experts_run(t2v):
+    request = GenerationRequest(prompt="a red sneaker on a turntable", seed=11)
+    first, second = t2v.generate(request), t2v.generate(request)
+    assert first.frames.shape == (17, 64, 96, 3) and first.frames.dtype == np.uint8
+    assert np.array_equal(first.frames, second.frames)
+    other = t2v.generate(GenerationRequest(prompt="a red sneaker on a turntable", seed=12))
+    assert not np.array_equal(first.frames, other.frames)
+    # Classifier-free guidance: two forwards per step, split between the experts at the boundary.
+    calls = first.expert_calls
+    assert calls["high_noise"] > 0 and calls["low_noise"] > 0
+    assert calls["high_noise"] + calls["low_noise"] == 2 * 40
+    assert first.request.guidance_scale == 4.0 and first.request.guidance_scale_2 == 3.0
+
+
+def test_requests_are_checked_before_generation(t2v):
+    with pytest.raises(InvalidRequestError) as err:
+        t2v.generate(
+            GenerationRequest(prompt="x", seed=1, num_frames=16, width=100, height=64, image=product_image())
+        )
+    fields = {problem.field for problem in err.value.problems}
+    assert fields == {"num_frames", "size", "image"}
+    assert "4k+1" in str(err.value) and "takes no image" in str(err.value)
+
+
+def test_image_to_video_needs_an_image_and_uses_it(tiny_folders):
+    spec = get_model_spec("i2v-a14b", "tiny")
+    generator = WanGenerator.from_pretrained(tiny_folders["i2v-a14b"], spec, device="cpu")
+    with pytest.raises(InvalidRequestError, match="needs an image"):
+        generator.validate(GenerationRequest(prompt="a lamp", seed=1))
+    video = generator.generate(GenerationRequest(prompt="a lamp", seed=1, image=product_image()))
+    assert video.frames.shape == (17, 64, 96, 3)
+    assert video.expert_calls["high_noise"] > 0 and video.expert_calls["low_noise"] > 0
+
+
+def test_ti2v_is_one_dense_model_for_text_and_image(tiny_folders):
+    spec = get_model_spec("ti2v-5b", "tiny")
+    generator = WanGenerator.from_pretrained(tiny_folders["ti2v-5b"], spec, device="cpu")
+    from_text = generator.generate(GenerationRequest(prompt="a bottle", seed=5))
+    from_image = generator.generate(GenerationRequest(prompt="a bottle", seed=5, image=product_image()))
+    assert from_text.expert_calls == {"dense": 2 * 50} == from_image.expert_calls
+    assert from_text.frames.shape == from_image.frames.shape == (17, 64, 96, 3)
+    assert not np.array_equal(from_text.frames, from_image.frames)
+
+
+def test_weights_of_another_model_are_refused(tiny_folders):
+    with pytest.raises(ValueError, match="not that model"):
+        WanGenerator.from_pretrained(
+            tiny_folders["ti2v-5b"], get_model_spec("t2v-a14b", "tiny"), device="cpu"
+        )

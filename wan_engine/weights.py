@@ -1,0 +1,74 @@
+"""Where a model's diffusers folder comes from: a local path, or an S3 prefix fetched once into a cache.
+
+A model root is either a folder or ``s3://bucket/prefix``; each model is the
+sub-folder named by its spec (``Wan2.2-T2V-A14B-Diffusers``, ...). Object-store
+folders are downloaded once per host: a completion record of every object's ETag
+makes later loads local, and a file lock keeps several actors on one host from
+downloading the same weights at once.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import logging
+from pathlib import Path, PurePosixPath
+from typing import TYPE_CHECKING
+
+from wan_engine.specs import ModelSpec
+
+if TYPE_CHECKING:
+    from minio import Minio
+
+log = logging.getLogger(__name__)
+
+_COMPLETE = ".wanfactory-complete.json"
+
+
+def split_s3_uri(uri: str) -> tuple[str, str]:
+    """``s3://bucket/some/prefix`` -> ``("bucket", "some/prefix")``."""
+    if not uri.startswith("s3://"):
+        raise ValueError(f"not an s3:// URI: {uri!r}")
+    bucket, _, key = uri[len("s3://") :].partition("/")
+    if not bucket:
+        raise ValueError(f"s3 URI without a bucket: {uri!r}")
+    return bucket, key.strip("/")
+
+
+def model_location(model_root: str, spec: ModelSpec) -> str:
+    """The folder or S3 prefix of ``spec``'s weights under ``model_root``."""
+    return f"{model_root.rstrip('/')}/{spec.folder}"
+
+
+def materialize(location: str, cache_dir: Path, client: Minio | None = None) -> Path:
+    """A local diffusers folder for ``location`` (a path, or ``s3://`` fetched into ``cache_dir``)."""
+    if not location.startswith("s3://"):
+        path = Path(location).expanduser()
+        if not (path / "model_index.json").is_file():
+            raise FileNotFoundError(f"no diffusers pipeline (model_index.json) in {path}")
+        return path
+    if client is None:
+        raise ValueError(f"{location} is in an object store, but no S3 client was given")
+    bucket, prefix = split_s3_uri(location)
+    local = Path(cache_dir) / bucket / prefix
+    local.mkdir(parents=True, exist_ok=True)
+    with open(local.parent / f".{local.name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        objects = {
+            obj.object_name: obj.etag
+            for obj in client.list_objects(bucket, prefix=f"{prefix}/", recursive=True)
+        }
+        if f"{prefix}/model_index.json" not in objects:
+            raise FileNotFoundError(f"no diffusers pipeline (model_index.json) under {location}")
+        record = local / _COMPLETE
+        if record.is_file() and json.loads(record.read_text()) == objects:
+            return local
+        log.info("fetching weights location=%s objects=%d cache=%s", location, len(objects), local)
+        for key in objects:
+            relative = PurePosixPath(key).relative_to(prefix)
+            dest = local / relative
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            # fget_object writes to a part file and renames it: no half-written weights.
+            client.fget_object(bucket, key, str(dest))
+        record.write_text(json.dumps(objects, sort_keys=True))
+    return local
