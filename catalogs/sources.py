@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING
 
 import pyarrow as pa
 import pyarrow.parquet as pq
+from minio.error import S3Error
 
 from catalogs.schema import ValidatedCatalog, validate_catalog
 
@@ -34,7 +35,12 @@ def read_bytes(uri: str, client: Minio | None = None) -> bytes:
         if client is None:
             raise ValueError(f"{uri} is in an object store, but no S3 client was given")
         bucket, key = split_s3_uri(uri)
-        response = client.get_object(bucket, key)
+        try:
+            response = client.get_object(bucket, key)
+        except S3Error as err:
+            if err.code in ("NoSuchKey", "NoSuchBucket"):
+                raise FileNotFoundError(f"no object at {uri}") from None
+            raise
         try:
             return response.read()
         finally:

@@ -20,8 +20,11 @@ import typer
 
 from infra.settings import Settings
 
+# Plain tracebacks: typer's pretty ones set attributes on the exception, which minio's frozen S3Error refuses.
 app = typer.Typer(
-    help="wanfactory: Wan2.2 video production from catalogs and prompt sheets.", no_args_is_help=True
+    help="wanfactory: Wan2.2 video production from catalogs and prompt sheets.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
 )
 stack_app = typer.Typer(help="The local stack: S3 object store and Prefect server.", no_args_is_help=True)
 run_app = typer.Typer(help="Run a flow now, in this process.", no_args_is_help=True)

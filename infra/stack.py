@@ -19,8 +19,6 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from minio import Minio
-
 from infra.object_store_server import (
     CephObjectStore,
     ObjectStoreServerConfig,
@@ -31,6 +29,7 @@ from infra.object_store_server import (
     tail,
     terminate_pid,
 )
+from infra.objectstore import ObjectStore
 from infra.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -67,6 +66,15 @@ class StackStatus:
         """What PREFECT_API_URL must be for flows to report to this server."""
         return f"{self.prefect_ui_url}/api"
 
+    def describe(self) -> str:
+        def state(running: bool) -> str:
+            return "running" if running else "stopped"
+
+        return (
+            f"object store  {state(self.object_store_running):<8} s3 endpoint http://{self.s3_endpoint}\n"
+            f"prefect       {state(self.prefect_running):<8} UI {self.prefect_ui_url}"
+        )
+
 
 def object_store(settings: Settings) -> CephObjectStore:
     """The local object store that serves ``settings.s3_endpoint``."""
@@ -99,7 +107,7 @@ def stack_up(settings: Settings) -> StackStatus:
     # Prefect starts first and comes up while the object store does: they take 5-15 s each.
     prefect_pid = _start_prefect(settings)
     store.start()
-    _ensure_bucket(settings, store)
+    ObjectStore(settings.object_store()).ensure_bucket()
     _wait_for_prefect(settings, prefect_pid)
     status = stack_status(settings)
     log.info(
@@ -132,19 +140,6 @@ def stack_status(settings: Settings) -> StackStatus:
         prefect_running=_prefect_healthy(settings),
         prefect_ui_url=_prefect_url(settings),
     )
-
-
-def _ensure_bucket(settings: Settings, store: CephObjectStore) -> None:
-    client = Minio(
-        store.endpoint,
-        access_key=settings.s3_access_key,
-        secret_key=settings.s3_secret_key.get_secret_value(),
-        secure=False,
-        region=settings.s3_region,
-    )
-    if not client.bucket_exists(settings.s3_bucket):
-        client.make_bucket(settings.s3_bucket)
-        log.info("bucket created bucket=%s endpoint=%s", settings.s3_bucket, store.endpoint)
 
 
 # -- Prefect server ------------------------------------------------------------------------------------------

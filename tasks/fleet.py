@@ -19,7 +19,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import ray
+from diffusers.utils import logging as diffusers_logging
 from PIL import Image
+from transformers.utils import logging as transformers_logging
 
 from catalogs.sources import read_bytes
 from infra.objectstore import ObjectStore
@@ -65,6 +67,9 @@ class GeneratorActor:
         device: str,
         store_config: ObjectStoreConfig,
     ) -> None:
+        # Loading bars from many actors interleave into noise in the driver's log.
+        diffusers_logging.disable_progress_bar()
+        transformers_logging.disable_progress_bar()
         spec = get_model_spec(family, variant)
         self.store = ObjectStore(store_config)
         self.generator = WanGenerator.from_pretrained(

@@ -23,7 +23,7 @@ from prefect.artifacts import (
 from prefect.cache_policies import NO_CACHE
 from tqdm import tqdm
 
-from catalogs.schema import ValidatedCatalog
+from catalogs.schema import CatalogSchemaError, ValidatedCatalog
 from catalogs.sources import load_catalog, read_bytes
 from infra.objectstore import ObjectStore
 from infra.settings import Settings
@@ -57,8 +57,14 @@ class RunProgress:
         )
 
 
+def _transient(task, task_run, state) -> bool:
+    """Retry storage hiccups, not a catalog that is missing or malformed: those fail the same way again."""
+    error = state.result(raise_on_failure=False)
+    return not isinstance(error, FileNotFoundError | CatalogSchemaError)
+
+
 # Catalog reads are cheap and must see the latest catalog: never cached, retried on storage hiccups.
-@task(retries=2, retry_delay_seconds=5, cache_policy=NO_CACHE)
+@task(retries=2, retry_delay_seconds=5, retry_condition_fn=_transient, cache_policy=NO_CACHE)
 def load_catalog_task(catalog_uri: str, settings: Settings) -> ValidatedCatalog:
     catalog = load_catalog(catalog_uri, ObjectStore(settings.object_store()).client)
     get_run_logger().info(

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import os
 import secrets
-import socket
 from collections.abc import Iterator
 
 import pytest
@@ -16,22 +15,18 @@ import pytest
 from infra.object_store_server import CephObjectStore, ObjectStoreServerConfig
 from infra.objectstore import ObjectStore
 from infra.settings import Settings
+from tests.net import free_ports
 
 TEST_BUCKET = "wanfactory-test"
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @pytest.fixture(scope="session")
 def s3_server(tmp_path_factory) -> Iterator[CephObjectStore]:
+    s3_port, mon_port = free_ports(2)
     config = ObjectStoreServerConfig(
         data_dir=tmp_path_factory.mktemp("s3"),
-        s3_port=free_port(),
-        mon_port=free_port(),
+        s3_port=s3_port,
+        mon_port=mon_port,
         access_key="wanfactory-test",
         secret_key=secrets.token_urlsafe(24),
     )

@@ -4,9 +4,7 @@ serves presigned URLs. Needs Ceph (apt-get install radosgw ceph-mon ceph-osd); ~
 
 from __future__ import annotations
 
-import contextlib
 import io
-import socket
 import urllib.error
 import urllib.request
 from datetime import timedelta
@@ -16,25 +14,16 @@ from minio import Minio
 from minio.error import S3Error
 
 from infra.object_store_server import CephObjectStore, ObjectStoreServerConfig
+from tests.net import free_ports
 
 ACCESS_KEY = "test-access"
 SECRET_KEY = "test-secret-key"
 BUCKET = "clips"
 
 
-def _free_ports(count: int) -> list[int]:
-    # Ports from the kernel's ephemeral range, so a running stack (7480, 6789) is never in the way; the
-    # sockets stay open until all are picked so that the ports differ.
-    with contextlib.ExitStack() as stack:
-        socks = [stack.enter_context(socket.socket()) for _ in range(count)]
-        for sock in socks:
-            sock.bind(("127.0.0.1", 0))
-        return [sock.getsockname()[1] for sock in socks]
-
-
 @pytest.fixture(scope="module")
 def store(tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureRequest) -> CephObjectStore:
-    s3_port, mon_port = _free_ports(2)
+    s3_port, mon_port = free_ports(2)
     server = CephObjectStore(
         ObjectStoreServerConfig(
             data_dir=tmp_path_factory.mktemp("s3"),

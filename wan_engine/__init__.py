@@ -3,6 +3,14 @@
 Knows nothing of Prefect, Ray or storage layouts; its callers pass locations and clients in.
 """
 
+import logging
+
+# diffusers' Wan pipelines import CLIPImageProcessor, which Wan2.2 never uses; without torchvision
+# (there is no CPU build of it) transformers warns about it at every import. Quiet that logger alone.
+logging.getLogger("transformers.utils.import_utils").setLevel(logging.ERROR)
+
+# ruff: noqa: E402 - the logger is quieted before diffusers is imported
+
 from wan_engine.generator import GeneratedVideo, WanGenerator, pick_device
 from wan_engine.random_weights import build_random_pipeline, save_random_pipeline
 from wan_engine.requests import (

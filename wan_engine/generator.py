@@ -55,11 +55,19 @@ class WanGenerator:
         self.spec = spec
         self.device = device
         self.pipeline = pipeline.to(device)
-        self.pipeline.set_progress_bar_config(disable=True)
         # TI2V-5B is one model for text and image input: an image-to-video view shares its components.
-        self.image_pipeline = (
-            WanImageToVideoPipeline.from_pipe(self.pipeline) if spec.task == "ti2v" else None
-        )
+        self.image_pipeline = None
+        if spec.task == "ti2v":
+            self.image_pipeline = WanImageToVideoPipeline(
+                **self.pipeline.components,
+                image_encoder=None,
+                image_processor=None,
+                boundary_ratio=None,
+                expand_timesteps=True,
+            )
+        for view in (self.pipeline, self.image_pipeline):
+            if view is not None:
+                view.set_progress_bar_config(disable=True)
         self._expert_calls: Counter[str] = Counter()
         experts = {"high_noise": pipeline.transformer, "low_noise": pipeline.transformer_2}
         if not spec.is_moe:
