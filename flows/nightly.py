@@ -16,7 +16,7 @@ from prefect import flow, get_run_logger
 from prefect.runtime import flow_run
 
 from infra.settings import Settings
-from tasks.fleet import FleetStartError, GenerationFleet, connect_ray, plan_fleets
+from tasks.fleet import FleetStartError, connect_ray, plan_fleets
 from tasks.manifest import ManifestLocation
 from tasks.records import ManifestEntry, failed_entry
 from tasks.units import (
@@ -25,6 +25,7 @@ from tasks.units import (
     plan_task,
     render_batch_task,
     report_task,
+    start_fleet_task,
     write_manifest_task,
 )
 
@@ -71,7 +72,7 @@ def nightly_catalog(catalog_uri: str | None = None, force: bool = False) -> RunR
         for shape in plan_fleets(clip_counts, gpus, settings.cpu_actors_per_model, settings.actor_num_cpus):
             clips = [clip for clip in plan.clips if clip.family in shape.actors]
             try:
-                fleet = GenerationFleet(shape, settings, run_id)
+                fleet = start_fleet_task(shape, settings, run_id)
             except FleetStartError as err:
                 logger.error("%s", err)
                 entries += [failed_entry(clip, run_id, "load", str(err)) for clip in clips]

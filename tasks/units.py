@@ -27,7 +27,7 @@ from catalogs.schema import CatalogSchemaError, ValidatedCatalog
 from catalogs.sources import load_catalog, read_bytes
 from infra.objectstore import ObjectStore
 from infra.settings import Settings
-from tasks.fleet import GenerationFleet
+from tasks.fleet import FleetShape, GenerationFleet
 from tasks.manifest import ManifestLocation, status_counts, write_manifest
 from tasks.planning import Plan, PlanningRules, plan_clips
 from tasks.records import ClipSpec, ClipStatus, ManifestEntry
@@ -97,6 +97,14 @@ def plan_task(catalog: ValidatedCatalog, run_id: str, settings: Settings, force:
         "plan to_generate=%d skipped=%d rejected=%d", len(plan.clips), len(plan.skipped), len(plan.rejected)
     )
     return plan
+
+
+# Loading models takes minutes at real size: its own task, so the UI shows where the time goes.
+@task(cache_policy=NO_CACHE)
+def start_fleet_task(shape: FleetShape, settings: Settings, run_id: str) -> GenerationFleet:
+    fleet = GenerationFleet(shape, settings, run_id)
+    get_run_logger().info("generator actors ready: %s", ", ".join(fleet.workers))
+    return fleet
 
 
 # A render batch is not retried as a whole: clip failures are manifest entries, and a rerun of

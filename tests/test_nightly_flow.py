@@ -170,3 +170,13 @@ def test_bad_rows_are_reported_and_good_rows_still_publish(store):
     manifest = json.loads(store.get_bytes(result.manifest.json_key))
     assert manifest["counts"] == {"failed": 4, "published": 2}
     assert {clip["row"]: clip["reason"] for clip in manifest["clips"]}[2] == by_row[2].reason
+
+
+def test_a_model_that_cannot_load_fails_its_clips_with_the_reason(sample_run, store, monkeypatch):
+    monkeypatch.setenv("WANFACTORY_MODEL_ROOT", store.uri("models/missing"))
+    result = nightly_catalog(catalog_uri=store.uri("catalogs/sample/catalog.parquet"), force=True)
+    assert len(result.entries) == len(SAMPLE_PRODUCTS)
+    for entry in result.entries:
+        assert entry.status == ClipStatus.FAILED and entry.stage == "load", entry
+        assert "no diffusers pipeline (model_index.json) under s3://" in entry.reason
+    assert json.loads(store.get_bytes(result.manifest.json_key))["counts"] == {"failed": len(SAMPLE_PRODUCTS)}
