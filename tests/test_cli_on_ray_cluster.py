@@ -10,10 +10,12 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from dataclasses import replace
 
 import pytest
 
 from catalogs.sample import SAMPLE_DIR
+from infra.objectstore import ObjectStore
 from tests.net import free_ports
 
 pytestmark = pytest.mark.usefixtures("tiny_models", "prefect_server")
@@ -64,23 +66,27 @@ def ray_head(tmp_path_factory) -> Iterator[str]:
         os.killpg(head.pid, signal.SIGKILL)
 
 
-def test_cli_runs_the_nightly_flow_on_the_cluster(ray_head, store, settings):
+def test_cli_runs_the_nightly_flow_on_the_cluster(ray_head, settings):
     from prefect.settings import PREFECT_API_URL
 
-    store.upload_folder(SAMPLE_DIR, "catalogs/cluster")
+    # A bucket of its own, so this run's clips do not count as published for the other tests.
+    bucket = ObjectStore(replace(settings.object_store(), bucket="wanfactory-cli-test"))
+    bucket.ensure_bucket()
+    bucket.upload_folder(SAMPLE_DIR, "catalogs/cluster")
     env = {
         **ray_env(),
         "WANFACTORY_RAY_ADDRESS": ray_head,
         "PREFECT_API_URL": PREFECT_API_URL.value(),
-        "WANFACTORY_CATALOG_URI": store.uri("catalogs/cluster/catalog.parquet"),
+        "WANFACTORY_S3_BUCKET": bucket.bucket,
+        "WANFACTORY_CATALOG_URI": bucket.uri("catalogs/cluster/catalog.parquet"),
     }
     done = subprocess.run(
-        ["wanfactory", "run", "nightly", "--force"], env=env, capture_output=True, text=True, timeout=600
+        ["wanfactory", "run", "nightly"], env=env, capture_output=True, text=True, timeout=600
     )
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert "12 published" in done.stdout, done.stdout[-3000:]
     run_id = done.stdout.split("run ", 1)[1].split(":", 1)[0]
-    manifest = json.loads(store.get_bytes(f"runs/{run_id}/manifest.json"))
+    manifest = json.loads(bucket.get_bytes(f"runs/{run_id}/manifest.json"))
     assert manifest["counts"] == {"published": 12}
     cluster_nodes = {node[:8] for node in _cluster_node_ids(ray_head)}
     workers = {clip["worker"].split("/")[0] for clip in manifest["clips"]}

@@ -11,7 +11,7 @@ logging.getLogger("transformers.utils.import_utils").setLevel(logging.ERROR)
 
 # ruff: noqa: E402 - the logger is quieted before diffusers is imported
 
-from wan_engine.generator import GeneratedVideo, WanGenerator, pick_device
+from wan_engine.generator import EngineOptions, GeneratedVideo, WanGenerator, pick_device
 from wan_engine.random_weights import build_random_pipeline, save_random_pipeline
 from wan_engine.requests import (
     GenerationRequest,
@@ -25,6 +25,7 @@ from wan_engine.weights import materialize, model_location, split_s3_uri
 
 __all__ = [
     "MODEL_FAMILIES",
+    "EngineOptions",
     "GeneratedVideo",
     "GenerationRequest",
     "InvalidRequestError",

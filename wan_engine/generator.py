@@ -4,6 +4,14 @@ A :class:`WanGenerator` holds the whole pipeline (both experts of an A14B model)
 checks each request against its :class:`ModelSpec` before spending any compute, and
 generates deterministically: the latents come from a CPU ``torch.Generator`` seeded
 by the request, so the same request gives the same frames on any device.
+
+It runs diffusers' own components (text encoder, transformers, scheduler, VAE) in a
+denoising loop of its own, the same arithmetic as ``WanPipeline`` and
+``WanImageToVideoPipeline`` with what makes it fast and changes no result beyond bf16
+rounding (:class:`EngineOptions`): the conditional and unconditional passes in one
+batch, the negative prompt encoded once per generator, the TI2V per-token timesteps
+collapsed to one when every token shares it, no host synchronisation inside the loop,
+and on a GPU the repeated transformer blocks compiled and warmed up at load.
 """
 
 from __future__ import annotations
@@ -30,13 +38,24 @@ log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
+class EngineOptions:
+    """How a generator runs. The defaults are the fast exact mode: the same outputs as stock diffusers."""
+
+    batch_guidance: bool = True  # conditional and unconditional passes as one batch of two
+    compile_blocks: bool = True  # torch.compile the repeated transformer blocks (GPU only)
+    attention_backend: str | None = None  # a diffusers attention backend; None keeps PyTorch's SDPA
+    vae_dtype: torch.dtype = torch.float32  # diffusers recommends float32 for Wan's VAE
+    warmup: bool = True  # one short generation at load (GPU only), so the first clip is not the slow one
+
+
+@dataclass(frozen=True)
 class GeneratedVideo:
     """The frames of one clip and how they were made."""
 
     frames: np.ndarray  # uint8, (frames, height, width, 3)
     fps: int
     request: GenerationRequest  # resolved: every default filled in
-    expert_calls: dict[str, int]  # transformer forward passes per expert
+    expert_calls: dict[str, int]  # transformer forward passes per expert (a batched pair counts as two)
     seconds: float
 
 
@@ -50,34 +69,43 @@ def pick_device(device: str = "auto") -> torch.device:
 class WanGenerator:
     """A loaded Wan2.2 pipeline and the rules of its model."""
 
-    def __init__(self, pipeline: DiffusionPipeline, spec: ModelSpec, device: torch.device) -> None:
+    def __init__(
+        self,
+        pipeline: DiffusionPipeline,
+        spec: ModelSpec,
+        device: torch.device,
+        options: EngineOptions | None = None,
+    ) -> None:
         _check_pipeline_matches(pipeline, spec)
         self.spec = spec
         self.device = device
+        self.options = options or EngineOptions()
         self.pipeline = pipeline.to(device)
-        # TI2V-5B is one model for text and image input: an image-to-video view shares its components.
-        self.image_pipeline = None
+        # TI2V-5B takes text or an image: its image path needs WanImageToVideoPipeline's latent preparation.
+        self._image_pipeline = pipeline
         if spec.task == "ti2v":
-            self.image_pipeline = WanImageToVideoPipeline(
+            self._image_pipeline = WanImageToVideoPipeline(
                 **self.pipeline.components,
                 image_encoder=None,
                 image_processor=None,
                 boundary_ratio=None,
                 expand_timesteps=True,
             )
-        for view in (self.pipeline, self.image_pipeline):
-            if view is not None:
-                view.set_progress_bar_config(disable=True)
-        self._expert_calls: Counter[str] = Counter()
-        experts = {"high_noise": pipeline.transformer, "low_noise": pipeline.transformer_2}
+        self.experts = {"high_noise": pipeline.transformer, "low_noise": pipeline.transformer_2}
         if not spec.is_moe:
-            experts = {"dense": pipeline.transformer}
-        for name, module in experts.items():
-            module.register_forward_pre_hook(self._counter(name))
+            self.experts = {"dense": pipeline.transformer}
+        self._expert_calls: Counter[str] = Counter()
+        for name, module in self.experts.items():
+            module.register_forward_pre_hook(self._counter(name), with_kwargs=True)
+            if self.options.attention_backend:
+                module.set_attention_backend(self.options.attention_backend)
+            if self.options.compile_blocks and device.type == "cuda":
+                module.compile_repeated_blocks(fullgraph=True)
+        self._negative_cache: dict[str, torch.Tensor] = {}
 
     def _counter(self, name: str):
-        def count(module: torch.nn.Module, args: tuple) -> None:
-            self._expert_calls[name] += 1
+        def count(module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
+            self._expert_calls[name] += kwargs["hidden_states"].shape[0]
 
         return count
 
@@ -89,24 +117,36 @@ class WanGenerator:
         device: str = "auto",
         cache_dir: Path | None = None,
         client: Minio | None = None,
+        options: EngineOptions | None = None,
     ) -> WanGenerator:
         """Load ``spec``'s diffusers folder from a path or ``s3://`` prefix (cached in ``cache_dir``)."""
         started = time.perf_counter()
         target = pick_device(device)
         folder = materialize(str(location), cache_dir or Path.home() / ".cache" / "wanfactory", client)
         dtype = torch.bfloat16 if target.type == "cuda" else torch.float32
-        # The VAE stays in float32, as diffusers recommends for Wan's decode quality.
-        vae = AutoencoderKLWan.from_pretrained(folder, subfolder="vae", dtype=torch.float32)
+        options = options or EngineOptions()
+        vae = AutoencoderKLWan.from_pretrained(folder, subfolder="vae", dtype=options.vae_dtype)
         pipeline = DiffusionPipeline.from_pretrained(folder, vae=vae, dtype=dtype)
         # The official flow shift differs per model; a folder's scheduler config may carry another one.
         pipeline.scheduler = type(pipeline.scheduler).from_config(
             pipeline.scheduler.config, flow_shift=spec.flow_shift
         )
-        generator = cls(pipeline, spec, target)
+        generator = cls(pipeline, spec, target, options)
+        if options.warmup and target.type == "cuda":
+            generator.warm_up()
         log.info(
             "model loaded model=%s device=%s seconds=%.1f", spec.name, target, time.perf_counter() - started
         )
         return generator
+
+    def warm_up(self) -> None:
+        """Compile and autotune at the default size with two steps, before the first real clip."""
+        image = None
+        if self.spec.requires_image:
+            from PIL import Image
+
+            image = Image.new("RGB", self.spec.default_size, (128, 128, 128))
+        self.generate(GenerationRequest(prompt="warm-up", seed=0, steps=2, image=image))
 
     def validate(self, request: GenerationRequest) -> GenerationRequest:
         """The request with defaults filled in; raises :class:`InvalidRequestError` naming every bad field."""
@@ -122,27 +162,8 @@ class WanGenerator:
         resolved = self.validate(request)
         started = time.perf_counter()
         self._expert_calls.clear()
-        pipeline = self.pipeline
-        kwargs = {}
-        if resolved.image is not None:
-            pipeline = self.image_pipeline or self.pipeline
-            kwargs["image"] = resolved.image.convert("RGB")
-        if self.spec.is_moe:
-            kwargs["guidance_scale_2"] = resolved.guidance_scale_2
-        output = pipeline(
-            prompt=resolved.prompt,
-            negative_prompt=resolved.negative_prompt,
-            height=resolved.height,
-            width=resolved.width,
-            num_frames=resolved.num_frames,
-            num_inference_steps=resolved.steps,
-            guidance_scale=resolved.guidance_scale,
-            generator=torch.Generator("cpu").manual_seed(resolved.seed),
-            max_sequence_length=self.spec.max_sequence_length,
-            output_type="np",
-            **kwargs,
-        )
-        frames = (np.clip(output.frames[0], 0.0, 1.0) * 255.0).round().astype(np.uint8)
+        latents = self.denoise(resolved)
+        frames = self.decode(latents)
         return GeneratedVideo(
             frames=frames,
             fps=self.spec.fps,
@@ -150,6 +171,134 @@ class WanGenerator:
             expert_calls=dict(self._expert_calls),
             seconds=time.perf_counter() - started,
         )
+
+    # The stages of one clip; public so that benchmarks can time each of them.
+
+    def encode_prompts(self, request: GenerationRequest) -> tuple[torch.Tensor, torch.Tensor]:
+        """The prompt's and negative prompt's umT5 embeddings; the negative one is computed once."""
+        pipeline, length = self.pipeline, self.spec.max_sequence_length
+        dtype = self.experts[next(iter(self.experts))].dtype
+        positive = pipeline._get_t5_prompt_embeds(
+            request.prompt, max_sequence_length=length, device=self.device
+        )
+        negative = self._negative_cache.get(request.negative_prompt)
+        if negative is None:
+            negative = pipeline._get_t5_prompt_embeds(
+                request.negative_prompt, max_sequence_length=length, device=self.device
+            )
+            self._negative_cache = {request.negative_prompt: negative}
+        return positive.to(dtype), negative.to(dtype)
+
+    def denoise(self, request: GenerationRequest) -> torch.Tensor:
+        """The final latents of a resolved request (float32, before the VAE)."""
+        positive, negative = self.encode_prompts(request)
+        pipeline, scheduler = self.pipeline, self.pipeline.scheduler
+        dtype = positive.dtype
+        generator = torch.Generator("cpu").manual_seed(request.seed)
+        scheduler.set_timesteps(request.steps, device=self.device)
+        timesteps = scheduler.timesteps
+        scheduler.set_begin_index(0)  # no device-to-host sync to find the step index
+
+        condition = first_frame_mask = None
+        latent_channels = pipeline.vae.config.z_dim
+        if request.image is not None:
+            image_pipeline = self._image_pipeline
+            image = image_pipeline.video_processor.preprocess(
+                request.image.convert("RGB"), height=request.height, width=request.width
+            ).to(self.device, dtype=torch.float32)
+            prepared = image_pipeline.prepare_latents(
+                image,
+                1,
+                latent_channels,
+                request.height,
+                request.width,
+                request.num_frames,
+                torch.float32,
+                self.device,
+                generator,
+            )
+            if self.spec.expand_timesteps:
+                latents, condition, first_frame_mask = prepared
+            else:
+                latents, condition = prepared
+        else:
+            latents = pipeline.prepare_latents(
+                1,
+                latent_channels,
+                request.height,
+                request.width,
+                request.num_frames,
+                torch.float32,
+                self.device,
+                generator,
+            )
+
+        batch = 2 if self.options.batch_guidance else 1
+        embeddings = torch.cat([positive, negative]) if batch == 2 else None
+        boundary = (
+            self.spec.boundary_ratio * scheduler.config.num_train_timesteps if self.spec.is_moe else None
+        )
+        # The switch between experts happens on the host: decide it once from the schedule, not per step.
+        high_noise_steps = len(timesteps) if boundary is None else int((timesteps >= boundary).sum().item())
+        token_timesteps = None
+        if first_frame_mask is not None:
+            # TI2V with an image: first-frame tokens are clean (t = 0), the rest follow the schedule.
+            token_timesteps = first_frame_mask[0][0][:, ::2, ::2].flatten()
+
+        for index, t in enumerate(timesteps):
+            if index < high_noise_steps:
+                model, guidance = pipeline.transformer, request.guidance_scale
+            else:
+                model, guidance = pipeline.transformer_2, request.guidance_scale_2
+            if first_frame_mask is not None:
+                model_input = (1 - first_frame_mask) * condition + first_frame_mask * latents
+                timestep = (token_timesteps * t).unsqueeze(0)
+            elif condition is not None:
+                model_input = torch.cat([latents, condition], dim=1)
+                timestep = t.expand(1)
+            else:
+                # Text-only TI2V passes one timestep per token, all equal: one value is the same result.
+                model_input, timestep = latents, t.expand(1)
+            model_input = model_input.to(dtype)
+            if batch == 2:
+                noise_both = model(
+                    hidden_states=model_input.expand(2, -1, -1, -1, -1),
+                    timestep=timestep.expand(2, *timestep.shape[1:]),
+                    encoder_hidden_states=embeddings,
+                    return_dict=False,
+                )[0]
+                noise_cond, noise_uncond = noise_both.chunk(2)
+            else:
+                noise_cond = model(
+                    hidden_states=model_input,
+                    timestep=timestep,
+                    encoder_hidden_states=positive,
+                    return_dict=False,
+                )[0]
+                noise_uncond = model(
+                    hidden_states=model_input,
+                    timestep=timestep,
+                    encoder_hidden_states=negative,
+                    return_dict=False,
+                )[0]
+            noise = noise_uncond + guidance * (noise_cond - noise_uncond)
+            latents = scheduler.step(noise, t, latents, return_dict=False)[0]
+
+        if first_frame_mask is not None:
+            latents = (1 - first_frame_mask) * condition + first_frame_mask * latents
+        return latents
+
+    def decode(self, latents: torch.Tensor) -> np.ndarray:
+        """Frames as uint8 ``(frames, height, width, 3)`` from final latents."""
+        vae = self.pipeline.vae
+        latents = latents.to(vae.dtype)
+        mean = torch.tensor(vae.config.latents_mean, device=latents.device, dtype=latents.dtype)
+        std = torch.tensor(vae.config.latents_std, device=latents.device, dtype=latents.dtype)
+        latents = latents * std.view(1, -1, 1, 1, 1) + mean.view(1, -1, 1, 1, 1)
+        video = vae.decode(latents, return_dict=False)[0]  # (1, 3, frames, height, width) in [-1, 1]
+        # The same rounding as diffusers' postprocess to float and our float-to-uint8 step, on the device.
+        video = ((video[0].float() / 2 + 0.5).clamp(0, 1) * 255).round().to(torch.uint8)
+        return video.permute(1, 2, 3, 0).contiguous().cpu().numpy()
 
 
 def _check_pipeline_matches(pipeline: DiffusionPipeline, spec: ModelSpec) -> None:
