@@ -1,0 +1,475 @@
+"""Engine benchmark: stock diffusers vs wan_engine on the same random weights at real size, side by side.
+
+    python bench/engine.py --config ti2v5b_720p [--steps N] [--out DIR]
+
+Run on the GPU machine (see bench/README.md for the exact command used). For one config it
+builds the real-size pipeline once (random weights: the compute of real weights), then:
+
+1. measures the bf16 matmul rate of this GPU (8192^3, median of CUDA-event timings);
+2. times each attention backend on one transformer forward and keeps the fastest for ours;
+3. runs one clip through stock diffusers (``WanPipeline.__call__``) and one through
+   ``WanGenerator`` (exact mode), same seed and inputs, timing text encoding, denoising,
+   VAE decode and the hand-back of frames, and peak GPU memory;
+4. compares final latents and decoded frames (relative L2 error of ours against stock);
+5. reports the denoising loop's achieved TFLOP/s against the measured matmul rate.
+
+With ``--steps N`` below the config's step count the denoising time is measured over N steps
+and scaled to the full count (every step costs the same); the output says so.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from diffusers import AutoencoderKLWan, WanPipeline, WanTransformer3DModel
+from transformers import UMT5Config, UMT5EncoderModel
+
+from wan_engine import EngineOptions, GenerationRequest, WanGenerator, get_model_spec
+from wan_engine.random_weights import build_tokenizer
+from wan_engine.specs import ModelSpec
+
+
+@dataclass(frozen=True)
+class Config:
+    family: str
+    width: int
+    height: int
+    frames: int
+
+
+CONFIGS = {
+    "ti2v5b_720p": Config("ti2v-5b", 1280, 704, 121),
+    "a14b_t2v_480p": Config("t2v-a14b", 832, 480, 81),
+}
+PROMPT = "A red knit sneaker turns slowly on a turntable, soft studio light, white backdrop."
+ATTENTION_BACKENDS = ("native", "_native_cudnn", "_native_flash", "_native_efficient")
+
+
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def sync_time() -> float:
+    if DEVICE.type == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter()
+
+
+def matmul_tflops(n: int = 8192, repeats: int = 20) -> float:
+    """The bf16 matmul rate of this device: median of ``repeats`` timed n^3 products after warm-up."""
+    a = torch.randn(n, n, device=DEVICE, dtype=torch.bfloat16)
+    b = torch.randn(n, n, device=DEVICE, dtype=torch.bfloat16)
+    for _ in range(3):
+        a @ b
+    times = []
+    for _ in range(repeats):
+        start = sync_time()
+        a @ b
+        times.append(sync_time() - start)
+    return 2 * n**3 / statistics.median(times) / 1e12
+
+
+def device_name() -> str:
+    return torch.cuda.get_device_name() if DEVICE.type == "cuda" else f"cpu ({platform.processor()})"
+
+
+def forward_flops(spec: ModelSpec, config: Config, text_tokens: int = 512) -> float:
+    """Matmul FLOPs of one transformer forward for one sample (attention included)."""
+    arch = spec.architecture.transformer
+    dim = arch["num_attention_heads"] * arch["attention_head_dim"]
+    spatial = 16 if spec.expand_timesteps else 8  # the 2.2 VAE compresses 16x, the 2.1 VAE 8x
+    tokens = ((config.frames - 1) // 4 + 1) * (config.height // spatial // 2) * (config.width // spatial // 2)
+    linear = 12 * tokens * dim * dim + 4 * text_tokens * dim * dim  # q,k,v,o self; q,o cross; k,v of text
+    ffn = 4 * tokens * dim * arch["ffn_dim"]
+    attention = 4 * tokens * tokens * dim + 4 * tokens * text_tokens * dim
+    return arch["num_layers"] * (linear + ffn + attention)
+
+
+def build_components(spec: ModelSpec) -> dict:
+    """Real-size components with random weights, made directly on the GPU in their serving dtypes."""
+    arch = spec.architecture
+    torch.manual_seed(0)
+    with DEVICE:
+        text_encoder = UMT5EncoderModel(UMT5Config(**arch.text_encoder)).to(torch.bfloat16)
+        vae = AutoencoderKLWan(**arch.vae).float()
+        experts = []
+        for _ in range(2 if spec.is_moe else 1):
+            model = WanTransformer3DModel(**arch.transformer).to(torch.bfloat16)
+            # As from_pretrained(torch_dtype=bf16) does: these stay float32.
+            for name, module in model.named_modules():
+                if any(part in model._keep_in_fp32_modules for part in name.split(".")):
+                    module.float()
+            experts.append(model)
+    from diffusers import UniPCMultistepScheduler
+
+    return {
+        "tokenizer": build_tokenizer(arch.text_encoder["vocab_size"]),
+        "text_encoder": text_encoder,
+        "vae": vae,
+        "scheduler": UniPCMultistepScheduler(
+            prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=spec.flow_shift
+        ),
+        "transformer": experts[0],
+        "transformer_2": experts[1] if spec.is_moe else None,
+        "boundary_ratio": spec.boundary_ratio,
+        "expand_timesteps": spec.expand_timesteps,
+    }
+
+
+def time_attention_backends(
+    model: WanTransformer3DModel, spec: ModelSpec, config: Config
+) -> dict[str, float]:
+    spatial = 16 if spec.expand_timesteps else 8
+    latent = torch.randn(
+        1,
+        spec.architecture.transformer["in_channels"],
+        (config.frames - 1) // 4 + 1,
+        config.height // spatial,
+        config.width // spatial,
+        device=DEVICE,
+        dtype=torch.bfloat16,
+    )
+    text = torch.randn(1, 512, spec.architecture.transformer["text_dim"], device=DEVICE, dtype=torch.bfloat16)
+    timestep = torch.tensor([500.0], device=DEVICE)
+    seconds = {}
+    for backend in ATTENTION_BACKENDS:
+        try:
+            model.set_attention_backend(backend)
+            with torch.inference_mode():
+                model(hidden_states=latent, timestep=timestep, encoder_hidden_states=text, return_dict=False)
+                start = sync_time()
+                model(hidden_states=latent, timestep=timestep, encoder_hidden_states=text, return_dict=False)
+                seconds[backend] = sync_time() - start
+        except Exception as err:
+            print(f"attention backend {backend}: unavailable ({type(err).__name__}: {str(err)[:120]})")
+    model.set_attention_backend("native")
+    return seconds
+
+
+def reset_peak_memory() -> None:
+    if DEVICE.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+
+
+def peak_memory_gib() -> float:
+    return torch.cuda.max_memory_allocated() / 2**30 if DEVICE.type == "cuda" else 0.0
+
+
+def relative_error(ours: torch.Tensor, reference: torch.Tensor) -> float:
+    ours, reference = ours.double(), reference.double()
+    return float(torch.linalg.vector_norm(ours - reference) / torch.linalg.vector_norm(reference))
+
+
+def run(config_name: str, steps: int | None, out_dir: Path, variant: str = "full") -> dict:
+    config = CONFIGS[config_name]
+    spec = get_model_spec(config.family, variant)
+    if variant == "tiny":  # a CPU smoke test of this script: the tiny model at its own size
+        config = Config(config.family, *spec.default_size, spec.num_frames)
+    run_steps = steps or spec.steps
+    scale = spec.steps / run_steps
+    started = time.perf_counter()
+    components = build_components(spec)
+    print(f"built {spec.name} in {time.perf_counter() - started:.0f} s", flush=True)
+    result: dict = {
+        "config": config_name,
+        "model": spec.name,
+        "size": f"{config.width}x{config.height}",
+        "frames": config.frames,
+        "steps": spec.steps,
+        "steps_run": run_steps,
+        "device": device_name(),
+        "torch": torch.__version__,
+    }
+    result["matmul_tflops"] = round(matmul_tflops(8192 if DEVICE.type == "cuda" else 512), 1)
+    attention = time_attention_backends(components["transformer"], spec, config)
+    result["attention_forward_s"] = {k: round(v, 3) for k, v in attention.items()}
+    best_backend = min(attention, key=attention.get)
+    print(
+        f"matmul {result['matmul_tflops']} TFLOP/s; attention forward s {result['attention_forward_s']}",
+        flush=True,
+    )
+
+    request = GenerationRequest(
+        prompt=PROMPT,
+        seed=42,
+        width=config.width,
+        height=config.height,
+        num_frames=config.frames,
+        steps=run_steps,
+    )
+    stock_pipeline = WanPipeline(**components)
+
+    # Stock diffusers: its own call, with the stages timed through its output types.
+    reset_peak_memory()
+    extra = {"guidance_scale_2": spec.guidance_scale_2} if spec.is_moe else {}
+    call = {
+        "prompt": PROMPT,
+        "negative_prompt": spec.negative_prompt,
+        "height": config.height,
+        "width": config.width,
+        "num_frames": config.frames,
+        "num_inference_steps": run_steps,
+        "guidance_scale": spec.guidance_scale,
+        "max_sequence_length": spec.max_sequence_length,
+        **extra,
+    }
+    t0 = sync_time()
+    stock_pipeline.encode_prompt(
+        PROMPT, spec.negative_prompt, max_sequence_length=spec.max_sequence_length, device=DEVICE
+    )
+    stock_encode = sync_time() - t0
+    t0 = sync_time()
+    stock_latents = stock_pipeline(
+        **call, generator=torch.Generator("cpu").manual_seed(42), output_type="latent"
+    ).frames
+    stock_encode_denoise = sync_time() - t0
+    stock_denoise = stock_encode_denoise - stock_encode
+    vae = components["vae"]
+    t0 = sync_time()
+    with torch.inference_mode():
+        stock_video = vae.decode(stock_latents.float() * vae_std(vae) + vae_mean(vae), return_dict=False)[0]
+    stock_decode = sync_time() - t0
+    t0 = sync_time()
+    stock_frames = stock_pipeline.video_processor.postprocess_video(stock_video, output_type="np")[0]
+    stock_frames = (np.clip(stock_frames, 0, 1) * 255).round().astype(np.uint8)
+    stock_handback = sync_time() - t0
+    stock_peak = peak_memory_gib()
+    del stock_video
+    stock = {
+        "encode_s": stock_encode,
+        "denoise_s": stock_denoise * scale,
+        "decode_s": stock_decode,
+        "handback_s": stock_handback,
+    }
+    stock["clip_s"] = sum(stock.values())
+    print(f"stock: { {k: round(v, 2) for k, v in stock.items()} }", flush=True)
+
+    # Ours: the generator in its default (exact) mode with the fastest attention backend measured above,
+    # over the same transformers and text encoder (its VAE is a copy: ours decodes in bf16, stock in fp32).
+    options = EngineOptions(attention_backend=None if best_backend == "native" else best_backend)
+    ours_pipeline = WanPipeline(**{**components, "vae": copy.deepcopy(vae)})
+    t0 = sync_time()
+    generator = WanGenerator(ours_pipeline, spec, DEVICE, options)
+    warm = GenerationRequest(
+        prompt="warm-up", seed=0, width=config.width, height=config.height, num_frames=config.frames, steps=2
+    )
+    generator.generate(warm)
+    warmup_s = sync_time() - t0
+    reset_peak_memory()
+    with torch.inference_mode():
+        resolved_request = generator.validate(request)
+        t0 = sync_time()
+        generator.encode_prompts(resolved_request)
+        ours_encode = sync_time() - t0
+        t0 = sync_time()
+        our_latents = generator.denoise(resolved_request)  # encodes the prompt again, then denoises
+        ours_denoise = sync_time() - t0 - ours_encode
+        t0 = sync_time()
+        our_video = generator.decode_video(our_latents)
+        ours_decode = sync_time() - t0
+        t0 = sync_time()
+        our_frames = generator.to_frames(our_video)
+        ours_handback = sync_time() - t0
+        ours_peak = peak_memory_gib()
+        # What the bf16 decode costs in accuracy: the same latents through the float32 VAE.
+        fp32_frames = generator.to_frames(
+            vae.decode(our_latents.float() * vae_std(vae) + vae_mean(vae), return_dict=False)[0]
+        )
+    ours = {"encode_s": ours_encode, "denoise_s": ours_denoise * scale, "decode_s": ours_decode}
+    ours["handback_s"] = ours_handback
+    ours["clip_s"] = sum(ours.values())
+    print(f"ours:  { {k: round(v, 2) for k, v in ours.items()} } (warm-up {warmup_s:.0f} s)", flush=True)
+
+    flops = forward_flops(spec, config) * 2 * spec.steps
+    result |= {
+        "stock": {k: round(v, 3) for k, v in stock.items()},
+        "ours": {k: round(v, 3) for k, v in ours.items()},
+        "stock_s": round(stock["clip_s"], 2),
+        "ours_s": round(ours["clip_s"], 2),
+        "speedup_vs_stock": round(stock["clip_s"] / ours["clip_s"], 3),
+        "attention_backend": best_backend,
+        "warmup_s": round(warmup_s, 1),
+        "denoise_tflops": round(flops / ours["denoise_s"] / 1e12, 1),
+        "denoise_matmul_fraction": round(flops / ours["denoise_s"] / 1e12 / result["matmul_tflops"], 3),
+        "stock_denoise_matmul_fraction": round(
+            flops / stock["denoise_s"] / 1e12 / result["matmul_tflops"], 3
+        ),
+        "decode_fraction": round(ours["decode_s"] / ours["clip_s"], 3),
+        "peak_gib": round(ours_peak, 1),
+        "stock_peak_gib": round(stock_peak, 1),
+        "latents_rel_error": relative_error(our_latents.float(), stock_latents.float()),
+        "frames_rel_error": frames_error(our_frames, stock_frames),
+        "vae_decode_dtype": str(generator.pipeline.vae.dtype),
+        "bf16_decode_frames_rel_error_vs_fp32_decode": frames_error(our_frames, fp32_frames),
+        "denoise_scaled_from_steps": run_steps if scale != 1 else None,
+    }
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / f"engine-{config_name}.json").write_text(json.dumps(result, indent=1))
+    print(json.dumps(result, indent=1), flush=True)
+    return result
+
+
+def vae_mean(vae: AutoencoderKLWan) -> torch.Tensor:
+    return torch.tensor(vae.config.latents_mean, device=DEVICE, dtype=vae.dtype).view(1, -1, 1, 1, 1)
+
+
+def vae_std(vae: AutoencoderKLWan) -> torch.Tensor:
+    return torch.tensor(vae.config.latents_std, device=DEVICE, dtype=vae.dtype).view(1, -1, 1, 1, 1)
+
+
+def frames_error(ours: np.ndarray, reference: np.ndarray) -> float:
+    return relative_error(
+        torch.from_numpy(ours.astype(np.float32)), torch.from_numpy(reference.astype(np.float32))
+    )
+
+
+def error_study(config_name: str, steps: int, out_dir: Path) -> dict:
+    """How far exact mode is from stock, measured against the yardstick of bf16 itself.
+
+    Final latents after ``steps`` steps from: stock diffusers in bf16; ours with batching and
+    compilation off; ours in its default mode; and a reference, stock diffusers with the same
+    weights in float32 (TF32 matmuls). Exact mode is within bf16 tolerance when its distance to
+    the reference is of the order of stock bf16's own.
+    """
+    config = CONFIGS[config_name]
+    spec = get_model_spec(config.family)
+    components = build_components(spec)
+    request = GenerationRequest(
+        prompt=PROMPT,
+        seed=42,
+        width=config.width,
+        height=config.height,
+        num_frames=config.frames,
+        steps=steps,
+    )
+    extra = {"guidance_scale_2": spec.guidance_scale_2} if spec.is_moe else {}
+
+    def stock_latents() -> torch.Tensor:
+        return WanPipeline(**components)(
+            prompt=PROMPT,
+            negative_prompt=spec.negative_prompt,
+            height=config.height,
+            width=config.width,
+            num_frames=config.frames,
+            num_inference_steps=steps,
+            guidance_scale=spec.guidance_scale,
+            max_sequence_length=spec.max_sequence_length,
+            generator=torch.Generator("cpu").manual_seed(42),
+            output_type="latent",
+            **extra,
+        ).frames.float()
+
+    def ours_latents(options: EngineOptions) -> torch.Tensor:
+        generator = WanGenerator(WanPipeline(**components), spec, DEVICE, options)
+        if options.warmup:
+            generator.warm_up()
+        with torch.inference_mode():
+            return generator.denoise(generator.validate(request)).float()
+
+    stock = stock_latents()
+    plain = ours_latents(EngineOptions(batch_guidance=False, compile_blocks=False, warmup=False))
+    ours = ours_latents(EngineOptions())
+    for name in ("transformer", "transformer_2"):
+        if components[name] is not None:
+            components[name].float()
+    torch.backends.cuda.matmul.allow_tf32 = True
+    torch.backends.cudnn.allow_tf32 = True
+    reference = stock_latents()
+    result = {
+        "config": config_name,
+        "steps": steps,
+        "device": device_name(),
+        "reference": "stock diffusers, same weights in float32, TF32 matmuls",
+        "stock_bf16_vs_reference": relative_error(stock, reference),
+        "ours_exact_vs_reference": relative_error(ours, reference),
+        "ours_unbatched_uncompiled_vs_reference": relative_error(plain, reference),
+        "ours_exact_vs_stock_bf16": relative_error(ours, stock),
+        "ours_unbatched_uncompiled_vs_stock_bf16": relative_error(plain, stock),
+    }
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / f"engine-error-{config_name}.json").write_text(json.dumps(result, indent=1))
+    print(json.dumps(result, indent=1), flush=True)
+    return result
+
+
+SUMMARY_FIELDS = (
+    "stock_s",
+    "ours_s",
+    "speedup_vs_stock",
+    "denoise_matmul_fraction",
+    "decode_fraction",
+    "peak_gib",
+    "device",
+    "matmul_tflops",
+    "latents_rel_error",
+    "frames_rel_error",
+    "denoise_scaled_from_steps",
+)
+
+
+def summarize(results_dir: Path) -> dict:
+    """engine-latest.json and engine-latest.md from the newest run of each config under ``results_dir``."""
+    latest: dict = {}
+    for path in sorted(results_dir.glob("*/engine-*.json")):
+        result = json.loads(path.read_text())
+        if "speedup_vs_stock" in result:
+            latest[result["config"]] = {k: result[k] for k in SUMMARY_FIELDS} | {"source": str(path)}
+    (results_dir / "engine-latest.json").write_text(json.dumps(latest, indent=1) + "\n")
+    rows = [
+        "| config | device | stock s | ours s | speedup | denoise / matmul rate | decode share | peak GiB |"
+    ]
+    rows.append("|---|---|---|---|---|---|---|---|")
+    for name, r in latest.items():
+        rows.append(
+            f"| {name} | {r['device']} | {r['stock_s']} | {r['ours_s']} | {r['speedup_vs_stock']} | "
+            f"{r['denoise_matmul_fraction']} | {r['decode_fraction']} | {r['peak_gib']} |"
+        )
+    (results_dir / "engine-latest.md").write_text("\n".join(rows) + "\n")
+    return latest
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--config", choices=sorted(CONFIGS))
+    parser.add_argument("--summarize", type=Path, metavar="DIR", help="rebuild DIR/engine-latest.{json,md}")
+    parser.add_argument(
+        "--steps", type=int, default=None, help="denoising steps to run (scaled to the full count)"
+    )
+    parser.add_argument(
+        "--error-study",
+        type=int,
+        metavar="STEPS",
+        help="measure exact mode's numeric distance over STEPS steps",
+    )
+    parser.add_argument("--tiny", action="store_true", help="smoke-test the script on the tiny model (CPU)")
+    parser.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", "bench/results")))
+    args = parser.parse_args()
+    if args.summarize:
+        summarize(args.summarize)
+        return
+    if not args.config:
+        parser.error("--config is required")
+    print(f"{platform.node()} {device_name()} torch {torch.__version__}", flush=True)
+    if args.error_study:
+        error_study(args.config, args.error_study, args.out)
+    else:
+        run(args.config, args.steps, args.out, "tiny" if args.tiny else "full")
+
+
+if __name__ == "__main__":
+    main()
