@@ -27,7 +27,7 @@ import platform
 import statistics
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -54,6 +54,7 @@ class Config:
 CONFIGS = {
     "ti2v5b_720p": Config("ti2v-5b", 1280, 704, 121),
     "a14b_t2v_480p": Config("t2v-a14b", 832, 480, 81),
+    "a14b_t2v_720p": Config("t2v-a14b", 1280, 720, 81),
 }
 PROMPT = "A red knit sneaker turns slowly on a turntable, soft studio light, white backdrop."
 ATTENTION_BACKENDS = ("native", "_native_cudnn", "_native_flash", "_native_efficient")
@@ -264,7 +265,12 @@ def run(config_name: str, steps: int | None, out_dir: Path, variant: str = "full
     t0 = sync_time()
     generator = WanGenerator(ours_pipeline, spec, DEVICE, options)
     warm = GenerationRequest(
-        prompt="warm-up", seed=0, width=config.width, height=config.height, num_frames=config.frames, steps=2
+        prompt="warm-up",
+        seed=0,
+        width=config.width,
+        height=config.height,
+        num_frames=config.frames,
+        steps=generator.warmup_steps(),
     )
     generator.generate(warm)
     warmup_s = sync_time() - t0
@@ -420,6 +426,62 @@ SUMMARY_FIELDS = (
 )
 
 
+def memory_check(config_name: str, steps: int, out_dir: Path) -> dict:
+    """Ours alone, in its default memory policy: peak memory through denoising and decode, step times
+    on both sides of the expert switch, and what the text encoder's round trip to the host costs."""
+    config = CONFIGS[config_name]
+    spec = get_model_spec(config.family)
+    generator = WanGenerator(WanPipeline(**build_components(spec)), spec, DEVICE, EngineOptions())
+    request = GenerationRequest(
+        prompt=PROMPT,
+        seed=42,
+        width=config.width,
+        height=config.height,
+        num_frames=config.frames,
+        steps=steps,
+    )
+    generator.generate(replace(request, steps=generator.warmup_steps()))  # compile at this size
+    calls: list[tuple[str, float]] = []
+    for name, module in generator.experts.items():
+        module.register_forward_pre_hook(lambda *_, name=name: calls.append((name, sync_time())))
+    reset_peak_memory()
+    with torch.inference_mode():
+        resolved = generator.validate(request)
+        t0 = sync_time()
+        generator.encode_prompts(resolved)
+        encode_s = sync_time() - t0
+        t0 = sync_time()
+        latents = generator.denoise(resolved)
+        denoise_end = sync_time()
+        denoise_peak = peak_memory_gib()
+        frames = generator.decode(latents)
+        decode_s = sync_time() - denoise_end
+    step_starts = [t for _, t in calls] + [denoise_end]
+    steps_s = [round(b - a, 3) for a, b in zip(step_starts, step_starts[1:], strict=False)]
+    experts = [name for name, _ in calls]
+    switch = next((i for i, name in enumerate(experts) if name != experts[0]), None)
+    steady = statistics.median(steps_s[1:]) if len(steps_s) > 2 else steps_s[0]
+    result = {
+        "config": config_name,
+        "device": device_name(),
+        "gpu_total_gib": round(torch.cuda.get_device_properties(DEVICE).total_memory / 2**30, 1),
+        "steps_run": steps,
+        "text_encoder_offloaded": generator._text_encoder_hook is not None,
+        "encode_s_with_text_encoder_round_trip": round(encode_s, 2),
+        "step_s": steps_s,
+        "experts_by_step": experts,
+        "switch_step_extra_s": round(steps_s[switch] - steady, 3) if switch else None,
+        "decode_s": round(decode_s, 2),
+        "peak_gib_denoise": round(denoise_peak, 1),
+        "peak_gib_with_decode": round(peak_memory_gib(), 1),
+        "frames_shape": list(frames.shape),
+    }
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / f"engine-memory-{config_name}.json").write_text(json.dumps(result, indent=1))
+    print(json.dumps(result, indent=1), flush=True)
+    return result
+
+
 def summarize(results_dir: Path) -> dict:
     """engine-latest.json and engine-latest.md from the newest run of each config under ``results_dir``."""
     latest: dict = {}
@@ -456,6 +518,9 @@ def main() -> None:
         metavar="STEPS",
         help="measure exact mode's numeric distance over STEPS steps",
     )
+    parser.add_argument(
+        "--memory-check", type=int, metavar="STEPS", help="ours alone: peak memory and the expert switch"
+    )
     parser.add_argument("--tiny", action="store_true", help="smoke-test the script on the tiny model (CPU)")
     parser.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", "bench/results")))
     args = parser.parse_args()
@@ -465,7 +530,9 @@ def main() -> None:
     if not args.config:
         parser.error("--config is required")
     print(f"{platform.node()} {device_name()} torch {torch.__version__}", flush=True)
-    if args.error_study:
+    if args.memory_check:
+        memory_check(args.config, args.memory_check, args.out)
+    elif args.error_study:
         error_study(args.config, args.error_study, args.out)
     else:
         run(args.config, args.steps, args.out, "tiny" if args.tiny else "full")

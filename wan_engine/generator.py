@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
+from accelerate import cpu_offload_with_hook
 from diffusers import AutoencoderKLWan, DiffusionPipeline, WanImageToVideoPipeline
 
 from wan_engine.requests import GenerationRequest, InvalidRequestError, request_problems, resolve_request
@@ -48,6 +49,12 @@ class EngineOptions:
     # two thirds of the time (bench/results), and float32 on a CPU, where bfloat16 is slow.
     vae_dtype: torch.dtype | None = None
     warmup: bool = True  # one short generation at load (GPU only), so the first clip is not the slow one
+    # None: keep the text encoder in host memory between clips when the experts and it would take more
+    # than TEXT_ENCODER_OFFLOAD_SHARE of the GPU (A14B on 80 GB), leaving room for activations and decode.
+    text_encoder_offload: bool | None = None
+
+
+TEXT_ENCODER_OFFLOAD_SHARE = 0.75
 
 
 @dataclass(frozen=True)
@@ -107,6 +114,20 @@ class WanGenerator:
         if self.pipeline.vae.dtype != vae_dtype:
             self.pipeline.vae.to(vae_dtype)
         self._negative_cache: dict[str, torch.Tensor] = {}
+        self._text_encoder_hook = None
+        if device.type == "cuda" and self._should_offload_text_encoder():
+            # accelerate's hook brings it back for each clip's encoding; offload() returns it to the host.
+            _, self._text_encoder_hook = cpu_offload_with_hook(self.pipeline.text_encoder.to("cpu"), device)
+            log.info("text encoder kept in host memory between clips model=%s", spec.name)
+
+    def _should_offload_text_encoder(self) -> bool:
+        if self.options.text_encoder_offload is not None:
+            return self.options.text_encoder_offload
+        modules = [*self.experts.values(), self.pipeline.text_encoder]
+        weights = sum(p.numel() * p.element_size() for m in modules for p in m.parameters())
+        return (
+            weights > TEXT_ENCODER_OFFLOAD_SHARE * torch.cuda.get_device_properties(self.device).total_memory
+        )
 
     def _counter(self, name: str):
         def count(module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
@@ -146,13 +167,25 @@ class WanGenerator:
         return generator
 
     def warm_up(self) -> None:
-        """Compile and autotune at the default size with two steps, before the first real clip."""
+        """Compile and autotune at the default size before the first real clip, every expert included."""
         image = None
         if self.spec.requires_image:
             from PIL import Image
 
             image = Image.new("RGB", self.spec.default_size, (128, 128, 128))
-        self.generate(GenerationRequest(prompt="warm-up", seed=0, steps=2, image=image))
+        self.generate(GenerationRequest(prompt="warm-up", seed=0, steps=self.warmup_steps(), image=image))
+
+    def warmup_steps(self) -> int:
+        """The fewest steps whose schedule crosses the expert boundary (2 for a dense model)."""
+        if not self.spec.is_moe:
+            return 2
+        scheduler = type(self.pipeline.scheduler).from_config(self.pipeline.scheduler.config)
+        boundary = self.spec.boundary_ratio * scheduler.config.num_train_timesteps
+        for steps in range(2, self.spec.steps + 1):
+            scheduler.set_timesteps(steps)
+            if (scheduler.timesteps < boundary).any():
+                return steps
+        return self.spec.steps
 
     def validate(self, request: GenerationRequest) -> GenerationRequest:
         """The request with defaults filled in; raises :class:`InvalidRequestError` naming every bad field."""
@@ -193,6 +226,8 @@ class WanGenerator:
                 request.negative_prompt, max_sequence_length=length, device=self.device
             )
             self._negative_cache = {request.negative_prompt: negative}
+        if self._text_encoder_hook is not None:
+            self._text_encoder_hook.offload()
         return positive.to(dtype), negative.to(dtype)
 
     def denoise(self, request: GenerationRequest) -> torch.Tensor:
