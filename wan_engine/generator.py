@@ -25,7 +25,6 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
-from accelerate import cpu_offload_with_hook
 from diffusers import AutoencoderKLWan, DiffusionPipeline, WanImageToVideoPipeline
 
 from wan_engine.requests import GenerationRequest, InvalidRequestError, request_problems, resolve_request
@@ -114,11 +113,10 @@ class WanGenerator:
         if self.pipeline.vae.dtype != vae_dtype:
             self.pipeline.vae.to(vae_dtype)
         self._negative_cache: dict[str, torch.Tensor] = {}
-        self._text_encoder_hook = None
+        self._text_encoder_host: HostResidentModule | None = None
         if device.type == "cuda" and self._should_offload_text_encoder():
-            # accelerate's hook brings it back for each clip's encoding; offload() returns it to the host.
-            _, self._text_encoder_hook = cpu_offload_with_hook(self.pipeline.text_encoder.to("cpu"), device)
-            log.info("text encoder kept in host memory between clips model=%s", spec.name)
+            self._text_encoder_host = HostResidentModule(self.pipeline.text_encoder, device)
+            log.info("text encoder kept in pinned host memory between clips model=%s", spec.name)
 
     def _should_offload_text_encoder(self) -> bool:
         if self.options.text_encoder_offload is not None:
@@ -217,6 +215,8 @@ class WanGenerator:
         """The prompt's and negative prompt's umT5 embeddings; the negative one is computed once."""
         pipeline, length = self.pipeline, self.spec.max_sequence_length
         dtype = self.experts[next(iter(self.experts))].dtype
+        if self._text_encoder_host is not None:
+            self._text_encoder_host.load()
         positive = pipeline._get_t5_prompt_embeds(
             request.prompt, max_sequence_length=length, device=self.device
         )
@@ -226,8 +226,8 @@ class WanGenerator:
                 request.negative_prompt, max_sequence_length=length, device=self.device
             )
             self._negative_cache = {request.negative_prompt: negative}
-        if self._text_encoder_hook is not None:
-            self._text_encoder_hook.offload()
+        if self._text_encoder_host is not None:
+            self._text_encoder_host.offload()
         return positive.to(dtype), negative.to(dtype)
 
     def denoise(self, request: GenerationRequest) -> torch.Tensor:
@@ -348,6 +348,31 @@ class WanGenerator:
         """The hand-back: uint8 frames on the host, rounded as diffusers' postprocessing plus our cast."""
         video = ((video[0].float() / 2 + 0.5).clamp(0, 1) * 255).round().to(torch.uint8)
         return video.permute(1, 2, 3, 0).contiguous().cpu().numpy()
+
+
+class HostResidentModule:
+    """A module whose weights live in pinned host memory and visit the GPU only while it runs.
+
+    The weights never change, so offloading just drops the GPU copies: no copy back. Loading from
+    pinned memory runs at PCIe speed (an 11 GB umT5-XXL in well under a second on a Hopper host).
+    """
+
+    def __init__(self, module: torch.nn.Module, device: torch.device) -> None:
+        self.module, self.device = module, device
+        self.host = {name: t.detach().to("cpu").pin_memory() for name, t in self._tensors()}
+        self.offload()
+
+    def _tensors(self):
+        yield from self.module.named_parameters()
+        yield from self.module.named_buffers()
+
+    def load(self) -> None:
+        for name, tensor in self._tensors():
+            tensor.data = self.host[name].to(self.device, non_blocking=True)
+
+    def offload(self) -> None:
+        for name, tensor in self._tensors():
+            tensor.data = self.host[name]
 
 
 def _check_pipeline_matches(pipeline: DiffusionPipeline, spec: ModelSpec) -> None:
