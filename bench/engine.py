@@ -64,6 +64,17 @@ ATTENTION_BACKENDS = ("native", "_native_cudnn", "_native_flash", "_native_effic
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
+def clip_request(config: Config, steps: int, prompt: str = PROMPT, seed: int = 42) -> GenerationRequest:
+    return GenerationRequest(
+        prompt=prompt,
+        seed=seed,
+        width=config.width,
+        height=config.height,
+        num_frames=config.frames,
+        steps=steps,
+    )
+
+
 def sync_time() -> float:
     if DEVICE.type == "cuda":
         torch.cuda.synchronize()
@@ -218,14 +229,7 @@ def run(config_name: str, steps: int | None, out_dir: Path, variant: str = "full
         flush=True,
     )
 
-    request = GenerationRequest(
-        prompt=PROMPT,
-        seed=42,
-        width=config.width,
-        height=config.height,
-        num_frames=config.frames,
-        steps=run_steps,
-    )
+    request = clip_request(config, run_steps)
     stock_pipeline = WanPipeline(**components)
 
     # Stock diffusers: its own call, with the stages timed through its output types.
@@ -290,14 +294,7 @@ def run(config_name: str, steps: int | None, out_dir: Path, variant: str = "full
     ours_pipeline = WanPipeline(**{**components, "vae": copy.deepcopy(vae)})
     t0 = sync_time()
     generator = WanGenerator(ours_pipeline, spec, DEVICE, options)
-    warm = GenerationRequest(
-        prompt="warm-up",
-        seed=0,
-        width=config.width,
-        height=config.height,
-        num_frames=config.frames,
-        steps=generator.warmup_steps(),
-    )
+    warm = clip_request(config, generator.warmup_steps(), prompt="warm-up", seed=0)
     generator.generate(warm)
     warmup_s = sync_time() - t0
     reset_peak_memory()
@@ -379,14 +376,7 @@ def error_study(config_name: str, steps: int, out_dir: Path) -> dict:
     config = CONFIGS[config_name]
     spec = get_model_spec(config.family)
     components = build_components(spec)
-    request = GenerationRequest(
-        prompt=PROMPT,
-        seed=42,
-        width=config.width,
-        height=config.height,
-        num_frames=config.frames,
-        steps=steps,
-    )
+    request = clip_request(config, steps)
     extra = {"guidance_scale_2": spec.guidance_scale_2} if spec.is_moe else {}
 
     def stock_latents() -> torch.Tensor:
@@ -458,14 +448,7 @@ def memory_check(config_name: str, steps: int, out_dir: Path) -> dict:
     config = CONFIGS[config_name]
     spec = get_model_spec(config.family)
     generator = WanGenerator(WanPipeline(**build_components(spec)), spec, DEVICE, EngineOptions())
-    request = GenerationRequest(
-        prompt=PROMPT,
-        seed=42,
-        width=config.width,
-        height=config.height,
-        num_frames=config.frames,
-        steps=steps,
-    )
+    request = clip_request(config, steps)
     generator.generate(replace(request, steps=generator.warmup_steps()))  # compile at this size
     calls: list[tuple[str, float]] = []
     for name, module in generator.experts.items():
