@@ -85,6 +85,7 @@ def nightly_catalog(catalog_uri: str | None = None, force: bool = False) -> RunR
             finally:
                 fleet.shutdown()
 
+    progress.close()
     manifest = write_manifest_task(run_id, catalog_uri, entries, settings)
     report_task(run_id, entries, manifest, settings)
     logger.info("run %s done counts=%s manifest=%s", run_id, manifest.counts, manifest.parquet_key)

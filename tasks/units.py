@@ -47,6 +47,9 @@ class RunProgress:
         # disable=None: a bar on a terminal, nothing in logs and CI.
         self.bar = tqdm(total=total, desc=description, unit="clip", disable=None)
 
+    def close(self) -> None:
+        self.bar.close()
+
     def advance(self, count: int = 1) -> None:
         self.done += count
         self.bar.update(count)
