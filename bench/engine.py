@@ -35,7 +35,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from diffusers import AutoencoderKLWan, WanPipeline, WanTransformer3DModel
+from diffusers import AutoencoderKLWan, WanImageToVideoPipeline, WanPipeline, WanTransformer3DModel
+from PIL import Image
 from transformers import UMT5Config, UMT5EncoderModel
 
 from wan_engine import EngineOptions, GenerationRequest, WanGenerator, get_model_spec
@@ -56,6 +57,7 @@ CONFIGS = {
     "ti2v5b_720p": Config("ti2v-5b", 1280, 704, 121),
     "a14b_t2v_480p": Config("t2v-a14b", 832, 480, 81),
     "a14b_t2v_720p": Config("t2v-a14b", 1280, 720, 81),
+    "a14b_i2v_480p": Config("i2v-a14b", 832, 480, 81),
 }
 PROMPT = "A red knit sneaker turns slowly on a turntable, soft studio light, white backdrop."
 ATTENTION_BACKENDS = ("native", "_native_cudnn", "_native_flash", "_native_efficient")
@@ -64,7 +66,15 @@ ATTENTION_BACKENDS = ("native", "_native_cudnn", "_native_flash", "_native_effic
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
+def conditioning_image(config: Config) -> Image.Image:
+    """A fixed product-like image for image-to-video configs (smooth gradients, not noise)."""
+    y, x = np.mgrid[0 : config.height, 0 : config.width]
+    pixels = np.stack([x * 255 // config.width, y * 255 // config.height, (x + y) * 127 // config.width], -1)
+    return Image.fromarray(pixels.astype(np.uint8))
+
+
 def clip_request(config: Config, steps: int, prompt: str = PROMPT, seed: int = 42) -> GenerationRequest:
+    image = conditioning_image(config) if get_model_spec(config.family).requires_image else None
     return GenerationRequest(
         prompt=prompt,
         seed=seed,
@@ -72,7 +82,15 @@ def clip_request(config: Config, steps: int, prompt: str = PROMPT, seed: int = 4
         height=config.height,
         num_frames=config.frames,
         steps=steps,
+        image=image,
     )
+
+
+def pipeline_for(spec: ModelSpec, components: dict) -> WanPipeline | WanImageToVideoPipeline:
+    """The stock diffusers pipeline of ``spec`` over ``components``."""
+    if spec.pipeline_class == "WanImageToVideoPipeline":
+        return WanImageToVideoPipeline(**components, image_encoder=None, image_processor=None)
+    return WanPipeline(**components)
 
 
 def sync_time() -> float:
@@ -230,7 +248,7 @@ def run(config_name: str, steps: int | None, out_dir: Path, variant: str = "full
     )
 
     request = clip_request(config, run_steps)
-    stock_pipeline = WanPipeline(**components)
+    stock_pipeline = pipeline_for(spec, components)
 
     # Stock diffusers: its own call, with the stages timed through its output types.
     reset_peak_memory()
@@ -246,6 +264,8 @@ def run(config_name: str, steps: int | None, out_dir: Path, variant: str = "full
         "max_sequence_length": spec.max_sequence_length,
         **extra,
     }
+    if request.image is not None:
+        call["image"] = request.image
     t0 = sync_time()
     stock_pipeline.encode_prompt(
         PROMPT, spec.negative_prompt, max_sequence_length=spec.max_sequence_length, device=DEVICE
@@ -291,7 +311,7 @@ def run(config_name: str, steps: int | None, out_dir: Path, variant: str = "full
     # Ours: the generator in its default (exact) mode with the fastest attention backend measured above,
     # over the same transformers and text encoder (its VAE is a copy: ours decodes in bf16, stock in fp32).
     options = EngineOptions(attention_backend=None if best_backend == "native" else best_backend)
-    ours_pipeline = WanPipeline(**{**components, "vae": copy.deepcopy(vae)})
+    ours_pipeline = pipeline_for(spec, {**components, "vae": copy.deepcopy(vae)})
     t0 = sync_time()
     generator = WanGenerator(ours_pipeline, spec, DEVICE, options)
     warm = clip_request(config, generator.warmup_steps(), prompt="warm-up", seed=0)
@@ -380,7 +400,7 @@ def error_study(config_name: str, steps: int, out_dir: Path) -> dict:
     extra = {"guidance_scale_2": spec.guidance_scale_2} if spec.is_moe else {}
 
     def stock_latents() -> torch.Tensor:
-        return WanPipeline(**components)(
+        return pipeline_for(spec, components)(
             prompt=PROMPT,
             negative_prompt=spec.negative_prompt,
             height=config.height,
@@ -392,10 +412,11 @@ def error_study(config_name: str, steps: int, out_dir: Path) -> dict:
             generator=torch.Generator("cpu").manual_seed(42),
             output_type="latent",
             **extra,
+            **({"image": request.image} if request.image is not None else {}),
         ).frames.float()
 
     def ours_latents(options: EngineOptions) -> torch.Tensor:
-        generator = WanGenerator(WanPipeline(**components), spec, DEVICE, options)
+        generator = WanGenerator(pipeline_for(spec, components), spec, DEVICE, options)
         if options.warmup:
             generator.warm_up()
         with torch.inference_mode():
@@ -447,7 +468,7 @@ def memory_check(config_name: str, steps: int, out_dir: Path) -> dict:
     on both sides of the expert switch, and what the text encoder's round trip to the host costs."""
     config = CONFIGS[config_name]
     spec = get_model_spec(config.family)
-    generator = WanGenerator(WanPipeline(**build_components(spec)), spec, DEVICE, EngineOptions())
+    generator = WanGenerator(pipeline_for(spec, build_components(spec)), spec, DEVICE, EngineOptions())
     request = clip_request(config, steps)
     generator.generate(replace(request, steps=generator.warmup_steps()))  # compile at this size
     calls: list[tuple[str, float]] = []
@@ -491,6 +512,52 @@ def memory_check(config_name: str, steps: int, out_dir: Path) -> dict:
     return result
 
 
+def throughput_check(config_name: str, out_dir: Path, clips_per_forward: tuple[int, ...] = (1, 2)) -> dict:
+    """Does putting several clips in one forward raise clips per hour? Per-clip step time by batch.
+
+    A step of one clip is one forward of batch 2 (conditional and unconditional); of two clips,
+    batch 4. The compiled transformer is timed on real-size inputs, median of three.
+    """
+    config = CONFIGS[config_name]
+    spec = get_model_spec(config.family)
+    components = build_components(spec)
+    model = components["transformer"]
+    model.compile_repeated_blocks(fullgraph=True)
+    spatial = 16 if spec.expand_timesteps else 8
+    shape = (
+        spec.architecture.transformer["in_channels"],
+        (config.frames - 1) // 4 + 1,
+        config.height // spatial,
+        config.width // spatial,
+    )
+    text_dim = spec.architecture.transformer["text_dim"]
+    per_clip_step = {}
+    with torch.inference_mode():
+        for clips in clips_per_forward:
+            batch = 2 * clips
+            latent = torch.randn(batch, *shape, device=DEVICE, dtype=torch.bfloat16)
+            text = torch.randn(batch, 512, text_dim, device=DEVICE, dtype=torch.bfloat16)
+            timestep = torch.full((batch,), 500.0, device=DEVICE)
+            times = []
+            for _ in range(4):
+                start = sync_time()
+                model(hidden_states=latent, timestep=timestep, encoder_hidden_states=text, return_dict=False)
+                times.append(sync_time() - start)
+            per_clip_step[clips] = statistics.median(times[1:]) / clips
+    result = {
+        "config": config_name,
+        "device": device_name(),
+        "per_clip_step_s": {str(k): round(v, 3) for k, v in per_clip_step.items()},
+        "denoise_clips_per_hour": {
+            str(k): round(3600 / (v * spec.steps), 2) for k, v in per_clip_step.items()
+        },
+    }
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / f"engine-throughput-{config_name}.json").write_text(json.dumps(result, indent=1))
+    print(json.dumps(result, indent=1), flush=True)
+    return result
+
+
 def summarize(results_dir: Path) -> dict:
     """engine-latest.json and engine-latest.md from the newest run of each config under ``results_dir``."""
     latest: dict = {}
@@ -530,6 +597,9 @@ def main() -> None:
     parser.add_argument(
         "--memory-check", type=int, metavar="STEPS", help="ours alone: peak memory and the expert switch"
     )
+    parser.add_argument(
+        "--throughput", action="store_true", help="per-clip step time, 1 vs 2 clips per forward"
+    )
     parser.add_argument("--tiny", action="store_true", help="smoke-test the script on the tiny model (CPU)")
     parser.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", "bench/results")))
     args = parser.parse_args()
@@ -539,7 +609,9 @@ def main() -> None:
     if not args.config:
         parser.error("--config is required")
     print(f"{platform.node()} {device_name()} torch {torch.__version__}", flush=True)
-    if args.memory_check:
+    if args.throughput:
+        throughput_check(args.config, args.out)
+    elif args.memory_check:
         memory_check(args.config, args.memory_check, args.out)
     elif args.error_study:
         error_study(args.config, args.error_study, args.out)
