@@ -241,38 +241,27 @@ class WanGenerator:
         scheduler.set_begin_index(0)  # no device-to-host sync to find the step index
 
         condition = first_frame_mask = None
-        latent_channels = pipeline.vae.config.z_dim
+        shape_and_rng = (
+            1,
+            pipeline.vae.config.z_dim,
+            request.height,
+            request.width,
+            request.num_frames,
+            torch.float32,
+            self.device,
+            generator,
+        )
         if request.image is not None:
-            image_pipeline = self._image_pipeline
-            image = image_pipeline.video_processor.preprocess(
+            image = self._image_pipeline.video_processor.preprocess(
                 request.image.convert("RGB"), height=request.height, width=request.width
             ).to(self.device, dtype=torch.float32)
-            prepared = image_pipeline.prepare_latents(
-                image,
-                1,
-                latent_channels,
-                request.height,
-                request.width,
-                request.num_frames,
-                torch.float32,
-                self.device,
-                generator,
-            )
+            prepared = self._image_pipeline.prepare_latents(image, *shape_and_rng)
             if self.spec.expand_timesteps:
                 latents, condition, first_frame_mask = prepared
             else:
                 latents, condition = prepared
         else:
-            latents = pipeline.prepare_latents(
-                1,
-                latent_channels,
-                request.height,
-                request.width,
-                request.num_frames,
-                torch.float32,
-                self.device,
-                generator,
-            )
+            latents = pipeline.prepare_latents(*shape_and_rng)
 
         batch = 2 if self.options.batch_guidance else 1
         embeddings = torch.cat([positive, negative]) if batch == 2 else None
