@@ -40,7 +40,7 @@ from PIL import Image
 from transformers import UMT5Config, UMT5EncoderModel
 
 from wan_engine import EngineOptions, GenerationRequest, WanGenerator, get_model_spec
-from wan_engine.generator import TEXT_ENCODER_OFFLOAD_SHARE
+from wan_engine.generator import text_encoder_crowds_gpu
 from wan_engine.random_weights import build_tokenizer
 from wan_engine.specs import ModelSpec
 
@@ -165,15 +165,6 @@ def build_components(spec: ModelSpec) -> dict:
     }
 
 
-def offload_needed(components: dict) -> bool:
-    modules = [components["transformer"], components["transformer_2"], components["text_encoder"]]
-    weights = sum(p.numel() * p.element_size() for m in modules if m is not None for p in m.parameters())
-    return (
-        DEVICE.type == "cuda"
-        and weights > TEXT_ENCODER_OFFLOAD_SHARE * torch.cuda.get_device_properties(DEVICE).total_memory
-    )
-
-
 def time_attention_backends(
     model: WanTransformer3DModel, spec: ModelSpec, config: Config
 ) -> dict[str, float]:
@@ -202,6 +193,22 @@ def time_attention_backends(
             print(f"attention backend {backend}: unavailable ({type(err).__name__}: {str(err)[:120]})")
     model.set_attention_backend("native")
     return seconds
+
+
+def time_encode_and_denoise(
+    generator: WanGenerator, request: GenerationRequest
+) -> tuple[torch.Tensor, float, float]:
+    """(final latents, encode seconds, denoise seconds) of a resolved request.
+
+    ``denoise`` encodes the prompt itself (the negative one from cache), so the loop's own time is
+    its time less a separately timed encoding.
+    """
+    t0 = sync_time()
+    generator.encode_prompts(request)
+    encode_s = sync_time() - t0
+    t0 = sync_time()
+    latents = generator.denoise(request)
+    return latents, encode_s, sync_time() - t0 - encode_s
 
 
 def reset_peak_memory() -> None:
@@ -271,7 +278,8 @@ def run(config_name: str, steps: int | None, out_dir: Path, variant: str = "full
         PROMPT, spec.negative_prompt, max_sequence_length=spec.max_sequence_length, device=DEVICE
     )
     stock_encode = sync_time() - t0
-    if spec.is_moe and offload_needed(components):
+    experts_and_encoder = [components["transformer"], components["transformer_2"], components["text_encoder"]]
+    if spec.is_moe and text_encoder_crowds_gpu(experts_and_encoder, DEVICE):
         # Both experts and the text encoder do not fit with room to spare: as a stock user on this GPU
         # would, encode first and move the text encoder off the GPU before denoising.
         with torch.inference_mode():  # no autograd graph holding the text encoder's GPU weights
@@ -319,13 +327,9 @@ def run(config_name: str, steps: int | None, out_dir: Path, variant: str = "full
     warmup_s = sync_time() - t0
     reset_peak_memory()
     with torch.inference_mode():
-        resolved_request = generator.validate(request)
-        t0 = sync_time()
-        generator.encode_prompts(resolved_request)
-        ours_encode = sync_time() - t0
-        t0 = sync_time()
-        our_latents = generator.denoise(resolved_request)  # encodes the prompt again, then denoises
-        ours_denoise = sync_time() - t0 - ours_encode
+        our_latents, ours_encode, ours_denoise = time_encode_and_denoise(
+            generator, generator.validate(request)
+        )
         t0 = sync_time()
         our_video = generator.decode_video(our_latents)
         ours_decode = sync_time() - t0
@@ -476,12 +480,7 @@ def memory_check(config_name: str, steps: int, out_dir: Path) -> dict:
         module.register_forward_pre_hook(lambda *_, name=name: calls.append((name, sync_time())))
     reset_peak_memory()
     with torch.inference_mode():
-        resolved = generator.validate(request)
-        t0 = sync_time()
-        generator.encode_prompts(resolved)
-        encode_s = sync_time() - t0
-        t0 = sync_time()
-        latents = generator.denoise(resolved)
+        latents, encode_s, _ = time_encode_and_denoise(generator, generator.validate(request))
         denoise_end = sync_time()
         denoise_peak = peak_memory_gib()
         frames = generator.decode(latents)

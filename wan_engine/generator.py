@@ -121,11 +121,7 @@ class WanGenerator:
     def _should_offload_text_encoder(self) -> bool:
         if self.options.text_encoder_offload is not None:
             return self.options.text_encoder_offload
-        modules = [*self.experts.values(), self.pipeline.text_encoder]
-        weights = sum(p.numel() * p.element_size() for m in modules for p in m.parameters())
-        return (
-            weights > TEXT_ENCODER_OFFLOAD_SHARE * torch.cuda.get_device_properties(self.device).total_memory
-        )
+        return text_encoder_crowds_gpu([*self.experts.values(), self.pipeline.text_encoder], self.device)
 
     def _counter(self, name: str):
         def count(module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
@@ -299,18 +295,15 @@ class WanGenerator:
                 )[0]
                 noise_cond, noise_uncond = noise_both.chunk(2)
             else:
-                noise_cond = model(
-                    hidden_states=model_input,
-                    timestep=timestep,
-                    encoder_hidden_states=positive,
-                    return_dict=False,
-                )[0]
-                noise_uncond = model(
-                    hidden_states=model_input,
-                    timestep=timestep,
-                    encoder_hidden_states=negative,
-                    return_dict=False,
-                )[0]
+                noise_cond, noise_uncond = (
+                    model(
+                        hidden_states=model_input,
+                        timestep=timestep,
+                        encoder_hidden_states=text,
+                        return_dict=False,
+                    )[0]
+                    for text in (positive, negative)
+                )
             noise = noise_uncond + guidance * (noise_cond - noise_uncond)
             latents = scheduler.step(noise, t, latents, return_dict=False)[0]
 
@@ -337,6 +330,15 @@ class WanGenerator:
         """The hand-back: uint8 frames on the host, rounded as diffusers' postprocessing plus our cast."""
         video = ((video[0].float() / 2 + 0.5).clamp(0, 1) * 255).round().to(torch.uint8)
         return video.permute(1, 2, 3, 0).contiguous().cpu().numpy()
+
+
+def text_encoder_crowds_gpu(modules: list[torch.nn.Module | None], device: torch.device) -> bool:
+    """Whether the experts and text encoder (``modules``) would fill more than
+    TEXT_ENCODER_OFFLOAD_SHARE of the GPU, leaving too little for activations and decode."""
+    if device.type != "cuda":
+        return False
+    weights = sum(p.numel() * p.element_size() for m in modules if m is not None for p in m.parameters())
+    return weights > TEXT_ENCODER_OFFLOAD_SHARE * torch.cuda.get_device_properties(device).total_memory
 
 
 class HostResidentModule:
