@@ -557,6 +557,65 @@ def throughput_check(config_name: str, out_dir: Path, clips_per_forward: tuple[i
     return result
 
 
+APPROXIMATE_MODES = {
+    "exact": EngineOptions(),
+    "step-cache-3": EngineOptions(step_cache_interval=3),
+    "fp8": EngineOptions(fp8_matmuls=True),
+    "step-cache-3+fp8": EngineOptions(step_cache_interval=3, fp8_matmuls=True),
+}
+
+
+def approximate_study(config_name: str, out_dir: Path, variant: str = "full") -> dict:
+    """The opt-in approximate modes against exact mode: whole clips, same weights, seed and inputs.
+
+    Exact runs first: FP8 quantizes the shared experts in place, so the FP8 modes come last. Drift
+    is the relative L2 distance of final latents and decoded frames from exact mode's.
+    """
+    config = CONFIGS[config_name]
+    spec = get_model_spec(config.family, variant)
+    if variant == "tiny":  # a CPU smoke test of this script: the tiny model at its own size
+        config = Config(config.family, *spec.default_size, spec.num_frames)
+    components = build_components(spec)
+    request = clip_request(config, spec.steps)
+    modes, exact = {}, None
+    for mode, options in APPROXIMATE_MODES.items():
+        if options.fp8_matmuls and DEVICE.type != "cuda":
+            continue
+        generator = WanGenerator(pipeline_for(spec, components), spec, DEVICE, options)
+        generator.warm_up()
+        with torch.inference_mode():
+            resolved = generator.validate(request)
+            start = sync_time()
+            latents, encode_s, denoise_s = time_encode_and_denoise(generator, resolved)
+            frames = generator.decode(latents)
+            clip_s = sync_time() - start
+        if exact is None:
+            exact = (latents.float(), frames, clip_s)
+        modes[mode] = {
+            "mode_label": options.mode,
+            "clip_s": round(clip_s, 2),
+            "denoise_s": round(denoise_s, 2),
+            "speedup_vs_exact": round(exact[2] / clip_s, 3),
+            "latents_rel_drift_vs_exact": round(relative_error(latents.float(), exact[0]), 4),
+            "frames_rel_drift_vs_exact": round(frames_error(frames, exact[1]), 4),
+        }
+        print(mode, json.dumps(modes[mode]), flush=True)
+        for module in generator.experts.values():
+            if generator.step_cached:
+                module.disable_cache()
+    result = {
+        "config": config_name,
+        "device": device_name(),
+        "steps": spec.steps,
+        "drift_note": "random weights: drift on real weights differs; measure on real weights before use",
+        "modes": modes,
+    }
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / f"engine-approximate-{config_name}.json").write_text(json.dumps(result, indent=1))
+    print(json.dumps(result, indent=1), flush=True)
+    return result
+
+
 def summarize(results_dir: Path) -> dict:
     """engine-latest.json and engine-latest.md from the newest run of each config under ``results_dir``."""
     latest: dict = {}
@@ -599,6 +658,9 @@ def main() -> None:
     parser.add_argument(
         "--throughput", action="store_true", help="per-clip step time, 1 vs 2 clips per forward"
     )
+    parser.add_argument(
+        "--approximate", action="store_true", help="the opt-in approximate modes against exact mode"
+    )
     parser.add_argument("--tiny", action="store_true", help="smoke-test the script on the tiny model (CPU)")
     parser.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", "bench/results")))
     args = parser.parse_args()
@@ -608,7 +670,9 @@ def main() -> None:
     if not args.config:
         parser.error("--config is required")
     print(f"{platform.node()} {device_name()} torch {torch.__version__}", flush=True)
-    if args.throughput:
+    if args.approximate:
+        approximate_study(args.config, args.out, "tiny" if args.tiny else "full")
+    elif args.throughput:
         throughput_check(args.config, args.out)
     elif args.memory_check:
         memory_check(args.config, args.memory_check, args.out)

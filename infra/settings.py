@@ -61,6 +61,17 @@ class Settings(BaseSettings):
     default_text_model: str = Field("t2v-a14b", description="model for catalog rows without model or image")
     default_image_model: str = Field("i2v-a14b", description="model for catalog rows with an image")
     device: str = Field("auto", description="'auto' (cuda when present), 'cuda' or 'cpu'")
+    # Opt-in approximate engine modes (bench/README.md has their measured speed and drift). Off, the
+    # engine is exact: stock diffusers' frames within bf16 tolerance. Manifests record the mode.
+    engine_step_cache_interval: int = Field(
+        1,
+        ge=1,
+        le=8,
+        description="APPROXIMATE when > 1: TaylorSeer step caching, one full transformer pass every N steps",
+    )
+    engine_fp8_matmuls: bool = Field(
+        False, description="APPROXIMATE: FP8 matmuls in the transformer blocks (Ada/Hopper GPUs, torchao)"
+    )
 
     # Ray fan-out.
     ray_address: str | None = Field(

@@ -28,7 +28,7 @@ from infra.objectstore import ObjectStore
 from infra.settings import ObjectStoreConfig, Settings
 from tasks.publish import finish_clip
 from tasks.records import ClipSpec, GeneratedClip, ManifestEntry, failed_entry
-from wan_engine import WanGenerator, get_model_spec, model_location
+from wan_engine import EngineOptions, WanGenerator, get_model_spec, model_location
 
 log = logging.getLogger(__name__)
 
@@ -66,6 +66,7 @@ class GeneratorActor:
         cache_dir: Path,
         device: str,
         store_config: ObjectStoreConfig,
+        options: EngineOptions,
     ) -> None:
         # Loading bars from many actors interleave into noise in the driver's log.
         diffusers_logging.disable_progress_bar()
@@ -78,6 +79,7 @@ class GeneratorActor:
             device=device,
             cache_dir=cache_dir,
             client=self.store.client,
+            options=options,
         )
         gpus = ray.get_gpu_ids()
         node = ray.get_runtime_context().get_node_id()[:8]
@@ -94,15 +96,37 @@ class GeneratorActor:
         except Exception as err:
             log.warning("generation failed clip_id=%s error=%s", spec.clip_id, err)
             return GeneratedClip(
-                spec, None, spec.fps, 0.0, {}, self.worker, error=f"{type(err).__name__}: {err}"
+                spec,
+                None,
+                spec.fps,
+                0.0,
+                {},
+                self.worker,
+                error=f"{type(err).__name__}: {err}",
+                engine_mode=self.generator.options.mode,
             )
-        return GeneratedClip(spec, video.frames, video.fps, video.seconds, video.expert_calls, self.worker)
+        return GeneratedClip(
+            spec,
+            video.frames,
+            video.fps,
+            video.seconds,
+            video.expert_calls,
+            self.worker,
+            engine_mode=self.generator.options.mode,
+        )
 
     def _image(self, spec: ClipSpec) -> Image.Image:
         data = read_bytes(spec.image_uri, self.store.client)
         if hashlib.sha256(data).hexdigest() != spec.image_sha256:
             raise ValueError(f"image {spec.image_uri} changed after planning")
         return Image.open(io.BytesIO(data)).convert("RGB")
+
+
+def engine_options(settings: Settings) -> EngineOptions:
+    """The engine's fast exact defaults, plus any approximate mode the settings opt into."""
+    return EngineOptions(
+        step_cache_interval=settings.engine_step_cache_interval, fp8_matmuls=settings.engine_fp8_matmuls
+    )
 
 
 @dataclass(frozen=True)
@@ -164,6 +188,7 @@ class GenerationFleet:
                     settings.model_cache_dir,
                     settings.device,
                     self.store_config,
+                    engine_options(settings),
                 )
                 for _ in range(count)
             ]

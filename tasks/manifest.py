@@ -39,6 +39,7 @@ MANIFEST_SCHEMA = pa.schema(
         ("generate_seconds", pa.float64()),
         ("expert_calls", pa.string()),  # JSON: transformer forward passes per expert
         ("worker", pa.string()),
+        ("engine_mode", pa.string()),  # "exact", or the opt-in approximations that made the clip
     ]
 )
 

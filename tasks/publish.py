@@ -50,6 +50,7 @@ def publish_clip(store: ObjectStore, finished: FinishedClip, run_id: str) -> Man
         generate_seconds=round(generated.seconds, 3),
         expert_calls=generated.expert_calls,
         worker=generated.worker,
+        engine_mode=generated.engine_mode,
     )
 
 
@@ -67,6 +68,7 @@ def finish_clip(generated: GeneratedClip, store_config: ObjectStoreConfig, run_i
             generate_seconds=round(generated.seconds, 3),
             expert_calls=generated.expert_calls,
             worker=generated.worker,
+            engine_mode=generated.engine_mode,
         )
 
     if generated.error is not None:

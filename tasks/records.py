@@ -87,6 +87,7 @@ class GeneratedClip:
     expert_calls: dict[str, int]
     worker: str  # which actor (node and GPU) made it
     error: str | None = None
+    engine_mode: str = "exact"  # or the approximations used, e.g. "approximate:step-cache-3"
 
 
 @dataclass(frozen=True)
@@ -127,6 +128,7 @@ class ManifestEntry:
     generate_seconds: float | None = None
     expert_calls: dict[str, int] = field(default_factory=dict)
     worker: str | None = None
+    engine_mode: str | None = None
 
     @classmethod
     def for_spec(cls, spec: ClipSpec, run_id: str, status: ClipStatus, **details: Any) -> ManifestEntry:

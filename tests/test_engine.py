@@ -165,3 +165,45 @@ def test_exact_mode_gives_the_frames_of_stock_diffusers(tiny_folders, family, wi
     difference = np.abs(ours.astype(np.int16) - stock.astype(np.int16))
     # float32 on the CPU: batching the two guidance passes moves values by float rounding only.
     assert difference.max() <= 1 and difference.mean() < 1e-3, (difference.max(), difference.mean())
+
+
+def _block_runs(generator: WanGenerator) -> dict[str, int]:
+    """How many times each expert's first block really computed (a cached step skips it)."""
+    runs = dict.fromkeys(generator.experts, 0)
+    for name, expert in generator.experts.items():
+
+        def count(*_: object, name: str = name) -> None:
+            runs[name] += 1
+
+        expert.blocks[0].attn1.register_forward_pre_hook(count)
+    return runs
+
+
+def test_step_cache_is_opt_in_skips_blocks_and_stays_near_exact(tiny_folders):
+    spec = get_model_spec("t2v-a14b", "tiny")
+    load = WanGenerator.from_pretrained
+    exact = load(tiny_folders["t2v-a14b"], spec, device="cpu")
+    cached = load(tiny_folders["t2v-a14b"], spec, device="cpu", options=EngineOptions(step_cache_interval=3))
+    assert EngineOptions().mode == "exact" and cached.options.mode == "approximate:step-cache-3"
+    request = GenerationRequest(prompt="a red sneaker on a turntable", seed=5, steps=20)
+    exact_runs, cached_runs = _block_runs(exact), _block_runs(cached)
+    reference, approximate = exact.generate(request), cached.generate(request)
+    # Every step still calls each expert once (the hook skips its blocks inside), but blocks ran less:
+    # per expert 3 warm-up steps, then one full step in every 3 (diffusers' schedule: steps 4, 7, 10, ...).
+    assert approximate.expert_calls == reference.expert_calls
+    assert sum(exact_runs.values()) == 20
+    for name, steps in exact_runs.items():
+        full_steps = sum(1 for step in range(steps) if step < 3 or (step - 4) % 3 == 0)
+        assert cached_runs[name] == full_steps < steps, (name, steps, cached_runs)
+    drift = np.abs(approximate.frames.astype(int) - reference.frames.astype(int)).mean()
+    assert 0 < drift < 20, drift  # approximate, not garbage
+    # The cache is reset per clip: the same request gives the same frames again.
+    assert np.array_equal(cached.generate(request).frames, approximate.frames)
+
+
+def test_fp8_is_refused_where_the_device_cannot_run_it(tiny_folders):
+    spec = get_model_spec("ti2v-5b", "tiny")
+    with pytest.raises(ValueError, match="compute capability 8.9"):
+        WanGenerator.from_pretrained(
+            tiny_folders["ti2v-5b"], spec, device="cpu", options=EngineOptions(fp8_matmuls=True)
+        )

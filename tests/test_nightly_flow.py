@@ -89,6 +89,7 @@ def test_object_metadata_and_manifest_agree(sample_run, store):
 
 def test_both_experts_ran_for_the_mixture_of_experts_models(sample_run):
     for entry in sample_run.entries:
+        assert entry.engine_mode == "exact", entry  # the default; approximate modes are opt-in
         if entry.model.endswith("a14b-tiny"):
             assert entry.expert_calls["high_noise"] > 0 and entry.expert_calls["low_noise"] > 0, entry
         else:

@@ -19,13 +19,14 @@ from __future__ import annotations
 import logging
 import time
 from collections import Counter
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
-from diffusers import AutoencoderKLWan, DiffusionPipeline, WanImageToVideoPipeline
+from diffusers import AutoencoderKLWan, DiffusionPipeline, TaylorSeerCacheConfig, WanImageToVideoPipeline
 
 from wan_engine.requests import GenerationRequest, InvalidRequestError, request_problems, resolve_request
 from wan_engine.specs import ModelSpec
@@ -51,9 +52,23 @@ class EngineOptions:
     # None: keep the text encoder in host memory between clips when the experts and it would take more
     # than TEXT_ENCODER_OFFLOAD_SHARE of the GPU (A14B on 80 GB), leaving room for activations and decode.
     text_encoder_offload: bool | None = None
+    # Opt-in approximate modes: faster, but the frames are no longer stock diffusers' frames. Never defaults.
+    # N > 1: diffusers' TaylorSeer cache hook (lite) runs the experts' blocks fully once every N steps and
+    # extrapolates their output in between; each expert warms up on its own first steps.
+    step_cache_interval: int = 1
+    fp8_matmuls: bool = False  # the experts' block linears in FP8 e4m3 with per-row scales (torchao)
+
+    @property
+    def mode(self) -> str:
+        """``exact``, or the approximations in use, e.g. ``approximate:step-cache-3+fp8`` (for manifests)."""
+        parts = [f"step-cache-{self.step_cache_interval}"] if self.step_cache_interval > 1 else []
+        parts += ["fp8"] if self.fp8_matmuls else []
+        return "approximate:" + "+".join(parts) if parts else "exact"
 
 
 TEXT_ENCODER_OFFLOAD_SHARE = 0.75
+# Full forwards before TaylorSeer starts extrapolating: its first-order factors need two points.
+STEP_CACHE_WARMUP_STEPS = 3
 
 
 @dataclass(frozen=True)
@@ -103,12 +118,26 @@ class WanGenerator:
         if not spec.is_moe:
             self.experts = {"dense": pipeline.transformer}
         self._expert_calls: Counter[str] = Counter()
+        if self.options.fp8_matmuls:
+            _check_fp8_device(device)
         for name, module in self.experts.items():
             module.register_forward_pre_hook(self._counter(name), with_kwargs=True)
             if self.options.attention_backend:
                 module.set_attention_backend(self.options.attention_backend)
+            if self.options.fp8_matmuls:
+                _quantize_fp8(module)
+            if self.step_cached:
+                module.enable_cache(
+                    TaylorSeerCacheConfig(
+                        cache_interval=self.options.step_cache_interval,
+                        disable_cache_before_step=STEP_CACHE_WARMUP_STEPS,
+                        use_lite_mode=True,
+                        taylor_factors_dtype=torch.float32,
+                    )
+                )
             if self.options.compile_blocks and device.type == "cuda":
-                module.compile_repeated_blocks(fullgraph=True)
+                # The cache hook decides on the host whether a block runs: a graph break, not a full graph.
+                module.compile_repeated_blocks(fullgraph=not self.step_cached)
         vae_dtype = self.options.vae_dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
         if self.pipeline.vae.dtype != vae_dtype:
             self.pipeline.vae.to(vae_dtype)
@@ -117,6 +146,10 @@ class WanGenerator:
         if device.type == "cuda" and self._should_offload_text_encoder():
             self._text_encoder_host = HostResidentModule(self.pipeline.text_encoder, device)
             log.info("text encoder kept in pinned host memory between clips model=%s", spec.name)
+
+    @property
+    def step_cached(self) -> bool:
+        return self.options.step_cache_interval > 1
 
     def _should_offload_text_encoder(self) -> bool:
         if self.options.text_encoder_offload is not None:
@@ -287,29 +320,45 @@ class WanGenerator:
                 model_input, timestep = latents, t.expand(1)
             model_input = model_input.to(dtype)
             if batch == 2:
-                noise_both = model(
-                    hidden_states=model_input.expand(2, -1, -1, -1, -1),
-                    timestep=timestep.expand(2, *timestep.shape[1:]),
-                    encoder_hidden_states=embeddings,
-                    return_dict=False,
-                )[0]
+                with self._cache_context(model, "guided"):
+                    noise_both = model(
+                        hidden_states=model_input.expand(2, -1, -1, -1, -1),
+                        timestep=timestep.expand(2, *timestep.shape[1:]),
+                        encoder_hidden_states=embeddings,
+                        return_dict=False,
+                    )[0]
                 noise_cond, noise_uncond = noise_both.chunk(2)
             else:
                 noise_cond, noise_uncond = (
-                    model(
-                        hidden_states=model_input,
-                        timestep=timestep,
-                        encoder_hidden_states=text,
-                        return_dict=False,
-                    )[0]
-                    for text in (positive, negative)
+                    self._forward_in_context(model, name, model_input, timestep, text)
+                    for name, text in (("cond", positive), ("uncond", negative))
                 )
             noise = noise_uncond + guidance * (noise_cond - noise_uncond)
             latents = scheduler.step(noise, t, latents, return_dict=False)[0]
 
+        if self.step_cached:
+            for module in self.experts.values():
+                module._reset_stateful_cache()  # the next clip starts its own schedule
         if first_frame_mask is not None:
             latents = (1 - first_frame_mask) * condition + first_frame_mask * latents
         return latents
+
+    def _cache_context(self, model: torch.nn.Module, name: str) -> AbstractContextManager:
+        """The cache hooks keep one state per named call; without them there is nothing to name."""
+        return model.cache_context(name) if self.step_cached else nullcontext()
+
+    def _forward_in_context(
+        self,
+        model: torch.nn.Module,
+        name: str,
+        model_input: torch.Tensor,
+        timestep: torch.Tensor,
+        text: torch.Tensor,
+    ) -> torch.Tensor:
+        with self._cache_context(model, name):
+            return model(
+                hidden_states=model_input, timestep=timestep, encoder_hidden_states=text, return_dict=False
+            )[0]
 
     def decode(self, latents: torch.Tensor) -> np.ndarray:
         """Frames as uint8 ``(frames, height, width, 3)`` from final latents."""
@@ -364,6 +413,35 @@ class HostResidentModule:
     def offload(self) -> None:
         for name, tensor in self._tensors():
             tensor.data = self.host[name]
+
+
+def _check_fp8_device(device: torch.device) -> None:
+    """FP8 matmuls exist on Ada and Hopper GPUs (compute capability 8.9+); refuse anything else at load."""
+    if device.type != "cuda" or torch.cuda.get_device_capability(device) < (8, 9):
+        raise ValueError(
+            f"fp8_matmuls needs a CUDA GPU with compute capability 8.9 or newer (Ada, Hopper); got {device}"
+        )
+
+
+def _quantize_fp8(module: torch.nn.Module) -> None:
+    """The blocks' linear layers as FP8 e4m3 weights and dynamically scaled FP8 activations, per row.
+
+    The embedders and output projection stay in bf16: they are a sliver of the FLOPs and the most
+    sensitive to rounding. torchao is a GPU-only extra (``pip install wanfactory[fp8]``).
+    """
+    from torchao.quantization import Float8DynamicActivationFloat8WeightConfig, PerRow, quantize_
+    from torchao.utils import TorchAOBaseTensor
+
+    def in_blocks_not_yet_fp8(child: torch.nn.Module, name: str) -> bool:
+        # Two generators over one set of modules (a benchmark's) must not quantize twice.
+        is_linear = isinstance(child, torch.nn.Linear)
+        return is_linear and name.startswith("blocks.") and not isinstance(child.weight, TorchAOBaseTensor)
+
+    quantize_(
+        module,
+        Float8DynamicActivationFloat8WeightConfig(granularity=PerRow()),
+        filter_fn=in_blocks_not_yet_fp8,
+    )
 
 
 def _check_pipeline_matches(pipeline: DiffusionPipeline, spec: ModelSpec) -> None:
