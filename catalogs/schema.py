@@ -31,6 +31,8 @@ CATALOG_SCHEMA = pa.schema(
         pa.field("model", pa.string()),
         pa.field("seed", pa.int64()),
         pa.field("size", pa.string()),
+        pa.field("postprocess_profile", pa.string()),
+        pa.field("locale", pa.string()),
     ],
     metadata={
         "image_uri": "optional: s3://bucket/key, an absolute path, or a path relative to the catalog",
@@ -38,6 +40,8 @@ CATALOG_SCHEMA = pa.schema(
         "model": "optional: t2v-a14b, i2v-a14b or ti2v-5b (default by whether there is an image)",
         "seed": "optional: fixed seed (default: derived from the SKU)",
         "size": "optional: WIDTHxHEIGHT (default: the model's default size)",
+        "postprocess_profile": "optional: a post-production profile name (default: the run's)",
+        "locale": "optional: the prompt's language for the prompt policy, e.g. en or de-AT",
     },
 )
 REQUIRED_COLUMNS = tuple(f.name for f in CATALOG_SCHEMA if not f.nullable)
@@ -60,6 +64,8 @@ class CatalogRow(BaseModel):
     model: str | None = None
     seed: int | None = Field(default=None, ge=0, lt=2**63)
     size: tuple[int, int] | None = None
+    postprocess_profile: str | None = None
+    locale: str | None = None
 
     @field_validator("sku")
     @classmethod
@@ -78,7 +84,9 @@ class CatalogRow(BaseModel):
             raise ValueError(f"unknown style {style!r}; known: {', '.join(sorted(STYLES))}")
         return style
 
-    @field_validator("image_uri", "prompt", "negative_prompt", "model", mode="before")
+    @field_validator(
+        "image_uri", "prompt", "negative_prompt", "model", "postprocess_profile", "locale", mode="before"
+    )
     @classmethod
     def _blank_is_none(cls, value: Any) -> Any:
         return None if isinstance(value, str) and not value.strip() else value

@@ -2,10 +2,14 @@
 
 wanfactory demo                      stack up, tiny models, sample catalog, one nightly run
 wanfactory stack up|down|status      the local object store and Prefect server
+wanfactory serve                     serve the nightly (cron), A/B and intake-watcher deployments
 wanfactory run nightly [--catalog]   one nightly catalog run
+wanfactory run ab SHEET             one A/B run of a prompt sheet, in this process
+wanfactory ab submit SHEET           start a run of the served A/B deployment; prints its UI link
 wanfactory outputs [--run RUN_ID]    what a run published (latest run by default)
 wanfactory models build-tiny         build the offline test models into the model root
 wanfactory catalog validate|synth|upload
+wanfactory verify FILE|s3://KEY      a clip's C2PA provenance and invisible watermark
 """
 
 from __future__ import annotations
@@ -30,10 +34,12 @@ stack_app = typer.Typer(help="The local stack: S3 object store and Prefect serve
 run_app = typer.Typer(help="Run a flow now, in this process.", no_args_is_help=True)
 models_app = typer.Typer(help="Model weights.", no_args_is_help=True)
 catalog_app = typer.Typer(help="Product catalogs.", no_args_is_help=True)
+ab_app = typer.Typer(help="A/B creative batches from prompt sheets.", no_args_is_help=True)
 app.add_typer(stack_app, name="stack")
 app.add_typer(run_app, name="run")
 app.add_typer(models_app, name="models")
 app.add_typer(catalog_app, name="catalog")
+app.add_typer(ab_app, name="ab")
 
 SAMPLE_CATALOG_PREFIX = "catalogs/sample"
 
@@ -72,6 +78,16 @@ def stack_status() -> None:
     from infra.stack import stack_status as status
 
     typer.echo(status(Settings()).describe())
+
+
+@app.command()
+def serve() -> None:
+    """Serve the nightly (on its cron), A/B and intake-watcher deployments in this process, until stopped."""
+    from flows.serve import serve_all
+
+    settings = Settings()
+    _use_local_prefect(settings)
+    serve_all(settings)
 
 
 @models_app.command("build-tiny")
@@ -154,15 +170,85 @@ def catalog_upload(
 @run_app.command("nightly")
 def run_nightly(
     catalog: Annotated[str | None, typer.Option(help="catalog path or s3:// URI (default: settings)")] = None,
-    force: Annotated[bool, typer.Option(help="regenerate clips that are already published")] = False,
+    force: Annotated[bool, typer.Option(help="regenerate every clip, even those already published")] = False,
+    force_sku: Annotated[
+        list[str] | None, typer.Option(help="regenerate this product's clips (repeatable)")
+    ] = None,
 ) -> None:
     """Run the nightly catalog flow now; the run shows in the Prefect UI."""
     settings = Settings()
     _use_local_prefect(settings)
     from flows.nightly import nightly_catalog
 
-    result = nightly_catalog(catalog_uri=catalog, force=force)
+    result = nightly_catalog(catalog_uri=catalog, force=force, force_skus=force_sku or [])
     _print_result(result, settings)
+
+
+@run_app.command("ab")
+def run_ab(
+    sheet: Annotated[str, typer.Argument(help="prompt sheet (.xlsx or .csv): a path or s3:// URI")],
+    force: Annotated[bool, typer.Option(help="regenerate samples that are already published")] = False,
+) -> None:
+    """Run the A/B flow on a prompt sheet now, in this process."""
+    settings = Settings()
+    _use_local_prefect(settings)
+    from flows.ab import ab_batch
+
+    _print_result(ab_batch(sheet_uri=_sheet_in_store(sheet, settings), force=force), settings)
+
+
+def _sheet_in_store(sheet: str, settings: Settings) -> str:
+    """A local sheet is uploaded under sheets/ first, so that any worker can read it."""
+    if sheet.startswith("s3://"):
+        return sheet
+    from infra.objectstore import ObjectStore
+
+    path = Path(sheet)
+    if not path.is_file():
+        raise typer.BadParameter(f"no such file: {sheet}")
+    store = ObjectStore(settings.object_store())
+    key = f"sheets/{path.name}"
+    store.put_file(key, path, "application/octet-stream")
+    return store.uri(key)
+
+
+@ab_app.command("submit")
+def ab_submit(
+    sheet: Annotated[str, typer.Argument(help="prompt sheet (.xlsx or .csv): a path or s3:// URI")],
+    force: Annotated[bool, typer.Option(help="regenerate samples that are already published")] = False,
+) -> None:
+    """Start a run of the A/B deployment (served by `wanfactory serve`) and print its Prefect UI link."""
+    from prefect.deployments import run_deployment
+
+    from catalogs.sheets import load_prompt_sheet
+    from flows.ab import ab_run_name
+    from infra.objectstore import ObjectStore
+
+    settings = Settings()
+    _use_local_prefect(settings)
+    uri = _sheet_in_store(sheet, settings)
+    # Check the sheet here, so a marketer sees row and column errors at once, not in a run.
+    checked = load_prompt_sheet(
+        uri,
+        ObjectStore(settings.object_store()).client,
+        model_variant=settings.model_variant,
+        default_text_model=settings.default_text_model,
+        default_image_model=settings.default_image_model,
+    )
+    for problem in checked.problems:
+        typer.echo(f"  {problem}", err=True)
+    experiments = sorted({v.experiment_id for v in checked.variants})
+    if not experiments:
+        raise typer.BadParameter(f"{sheet}: no valid variant to make")
+    run = run_deployment(
+        "ab-batch/ab",
+        parameters={"sheet_uri": uri, "force": force},
+        flow_run_name=ab_run_name(experiments),
+        tags=["ab", *(f"experiment:{e}" for e in experiments)],
+        timeout=0,
+    )
+    typer.echo(f"{len(checked.variants)} variants, {len(checked.problems)} rows with problems (above)")
+    typer.echo(f"flow run {run.name}: {_ui_url()}/runs/flow-run/{run.id}")
 
 
 def _print_result(result, settings: Settings) -> None:
@@ -174,7 +260,10 @@ def _print_result(result, settings: Settings) -> None:
     typer.echo(f"  Prefect UI: {_ui_url()}/runs/flow-run/{result.flow_run_id}")
     typer.echo(f"  manifest:   s3://{bucket}/{result.manifest.parquet_key}")
     typer.echo(f"              s3://{bucket}/{result.manifest.json_key}")
-    typer.echo(f"  clips:      s3://{bucket}/clips/<sku>/<clip_id>.mp4  (list them: wanfactory outputs)")
+    typer.echo(
+        f"  clips:      s3://{bucket}/clips/<sku>/ or experiments/<experiment>/<variant>/ "
+        "(list them: wanfactory outputs)"
+    )
 
 
 @app.command()
@@ -189,10 +278,35 @@ def outputs(run: Annotated[str | None, typer.Option(help="run id (default: the l
             raise typer.BadParameter("no runs in the object store yet")
         run = runs[-1]
     manifest = json.loads(store.get_bytes(f"runs/{run}/manifest.json"))
-    typer.echo(f"run {run} ({manifest['catalog']}): {manifest['counts']}")
+    typer.echo(f"run {run} ({manifest['source']}): {manifest['counts']}")
     for clip in manifest["clips"]:
         where = store.uri(clip["clip_key"]) if clip["clip_key"] else clip["reason"]
         typer.echo(f"  row {clip['row']:>4}  {clip['sku'] or '-':<12} {clip['status']:<11} {where}")
+
+
+@app.command()
+def verify(
+    clip: Annotated[str, typer.Argument(help="an MP4 file, or s3://bucket/key of a published clip")],
+    trust: Annotated[
+        Path | None, typer.Option(help="trust anchor PEM (default: this deployment's signing root)")
+    ] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="print the report as JSON")] = False,
+) -> None:
+    """Read a clip's C2PA manifest (is it signed, by whom, does it validate) and its invisible watermark."""
+    from catalogs.sources import read_bytes
+    from infra.objectstore import ObjectStore
+    from tasks.postprod.verify import verify_clip
+    from tasks.postproduction import trust_anchor
+
+    settings = Settings()
+    with tempfile.TemporaryDirectory(prefix="wanfactory-verify-") as tmp:
+        path = Path(clip)
+        if clip.startswith("s3://"):
+            path = Path(tmp) / "clip.mp4"
+            path.write_bytes(read_bytes(clip, ObjectStore(settings.object_store()).client))
+        report = verify_clip(path, trust or trust_anchor(settings))
+    typer.echo(json.dumps(report.to_dict(), indent=1) if as_json else report.describe())
+    raise typer.Exit(0 if report.ok else 1)
 
 
 @app.command()

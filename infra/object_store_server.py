@@ -249,6 +249,54 @@ class CephObjectStore:
             fcntl.flock(lock, fcntl.LOCK_EX)
             yield
 
+    def ensure_user(self, uid: str, access_key: str, secret_key: str, display_name: str) -> None:
+        """Make ``uid`` an S3 user whose one S3 key is this pair: create it, or fix an existing one.
+
+        Idempotent, and cheap when nothing changed (two radosgw-admin calls, ~0.1 s each). Other access
+        keys of the user are removed, so a rotated credential stops working at once. The cluster must run.
+        """
+        # radosgw-admin takes keys only as arguments: they are briefly visible in /proc to local users.
+        secret = f"--secret-key={secret_key}"
+        keys = (f"--access-key={access_key}", secret)
+        with self._locked():  # two `stack up` at once would both try to create the user
+            if uid not in json.loads(self._radosgw_admin("user", "list")):
+                self._run(
+                    "radosgw-admin",
+                    "-c",
+                    str(self.conf_path),
+                    "user",
+                    "create",
+                    f"--uid={uid}",
+                    f"--display-name={display_name}",
+                    *keys,
+                    secret_args=(secret,),
+                )
+                log.info("object store user created uid=%s access_key=%s", uid, access_key)
+                return
+            # The info holds the secrets: it is only compared here, never logged.
+            info = json.loads(self._radosgw_admin("user", "info", f"--uid={uid}"))
+            if info["display_name"] != display_name:
+                self._radosgw_admin("user", "modify", f"--uid={uid}", f"--display-name={display_name}")
+            current = {key["access_key"]: key["secret_key"] for key in info["keys"]}
+            if current == {access_key: secret_key}:
+                return
+            if current.get(access_key) != secret_key:
+                # key create replaces the secret of an access key the user already has.
+                self._run(
+                    "radosgw-admin",
+                    "-c",
+                    str(self.conf_path),
+                    "key",
+                    "create",
+                    f"--uid={uid}",
+                    "--key-type=s3",
+                    *keys,
+                    secret_args=(secret,),
+                )
+            for old in current.keys() - {access_key}:
+                self._radosgw_admin("key", "rm", f"--uid={uid}", "--key-type=s3", f"--access-key={old}")
+            log.info("object store user key replaced uid=%s access_key=%s", uid, access_key)
+
     # -- setup ---------------------------------------------------------------------------------------------
 
     def _create(self, deadline: float) -> None:

@@ -45,6 +45,15 @@ class Settings(BaseSettings):
     s3_secure: bool = Field(False, description="use HTTPS for the S3 endpoint")
     s3_region: str = Field("us-east-1", description="S3 region name")
     s3_bucket: str = Field("wanfactory", description="bucket for clips, manifests, catalogs and models")
+    s3_reader_access_key: str = Field(
+        "wanfactory-reader",
+        description="access key of the read-only S3 credential given to people, the website and reports: "
+        "published outputs only, never quarantine/ (infra/access.py)",
+    )
+    s3_reader_secret_key: SecretStr = Field(
+        SecretStr("wanfactory-reader-local-secret"),
+        description="secret key of the read-only S3 credential (default: the local stack's development key)",
+    )
 
     # Models.
     model_root: str = Field(
@@ -73,6 +82,28 @@ class Settings(BaseSettings):
         False, description="APPROXIMATE: FP8 matmuls in the transformer blocks (Ada/Hopper GPUs, torchao)"
     )
 
+    # Post-production (tasks/postprod/profiles/default.toml documents the profiles' stages).
+    postprocess_profile: str = Field(
+        "standard", description="profile for rows that name none (catalog column postprocess_profile)"
+    )
+    postprocess_profiles_path: Path | None = Field(
+        None, description="TOML file of named post-production profiles; unset: the packaged ones"
+    )
+    postprocess_threads: int = Field(
+        1, ge=1, description="threads per clip in post-production (clips in parallel use the other cores)"
+    )
+    content_policy_path: Path | None = Field(
+        None, description="prompt policy TOML (block lists per locale); unset: the packaged default"
+    )
+    content_locale: str = Field("en", description="prompt language for rows without a locale column")
+    c2pa_cert_chain: Path | None = Field(
+        None, description="PEM: the C2PA signer's certificate, then its CA's; unset: a development chain"
+    )
+    c2pa_private_key: Path | None = Field(None, description="PEM: the C2PA signer's private key")
+    c2pa_trust_anchor: Path | None = Field(
+        None, description="PEM: the root that verifiers trust (`wanfactory verify` uses it)"
+    )
+
     # Ray fan-out.
     ray_address: str | None = Field(
         None, description="existing cluster (e.g. 'ray://head:10001' or 'auto'); unset starts a local Ray"
@@ -96,6 +127,17 @@ class Settings(BaseSettings):
         64, ge=1, description="clips per Prefect render task (keeps task runs few for big catalogs)"
     )
 
+    # Schedules (read by `wanfactory serve` when it registers its deployments; prefect.yaml has its own copy).
+    nightly_cron: str = Field(
+        "0 2 * * *", description="cron of the nightly catalog run (minute hour day month weekday)"
+    )
+    nightly_timezone: str = Field(
+        "UTC", description="IANA time zone the nightly cron is read in, e.g. Europe/Berlin (DST-aware)"
+    )
+    intake_poll_seconds: int = Field(
+        30, ge=1, description="how often the intake watcher looks for prompt sheets dropped into intake/"
+    )
+
     # Local stack.
     state_dir: Path = Field(DEFAULT_STATE_DIR, description="where the local stack keeps its data")
     prefect_port: int = Field(4200, description="port of the local Prefect server")
@@ -106,6 +148,17 @@ class Settings(BaseSettings):
             endpoint=self.s3_endpoint,
             access_key=self.s3_access_key,
             secret_key=self.s3_secret_key,
+            bucket=self.s3_bucket,
+            secure=self.s3_secure,
+            region=self.s3_region,
+        )
+
+    def reader_store(self) -> ObjectStoreConfig:
+        """The reader's view of the bucket: the same endpoint with the read-only credential."""
+        return ObjectStoreConfig(
+            endpoint=self.s3_endpoint,
+            access_key=self.s3_reader_access_key,
+            secret_key=self.s3_reader_secret_key,
             bucket=self.s3_bucket,
             secure=self.s3_secure,
             region=self.s3_region,

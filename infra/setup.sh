@@ -13,6 +13,9 @@ command -v ceph-mon >/dev/null || missing="$missing ceph-mon"
 command -v ceph-osd >/dev/null || missing="$missing ceph-osd"
 # Fonts for the visible watermark's label and the contact sheets.
 [ -f /usr/share/fonts/truetype/dejavu/DejaVuSans.ttf ] || missing="$missing fonts-dejavu-core"
+# opencv-python (pulled by invisible-watermark) loads libGL and glib at import.
+ldconfig -p | grep -q "libGL.so.1 " || missing="$missing libgl1"
+ldconfig -p | grep -q "libgthread-2.0.so.0 " || missing="$missing libglib2.0-0"
 if [ -n "$missing" ]; then
   echo "installing system packages:$missing"
   $sudo apt-get update -qq

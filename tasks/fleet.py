@@ -3,8 +3,12 @@
 Ray's batch-inference pattern: :class:`GeneratorActor` loads its Wan2.2 generator
 once in ``__init__`` and serves many clips. :class:`GenerationFleet` hands clips to
 actors a few at a time (so a slow clip never holds a batch), and as each clip's
-frames are ready it starts a CPU task that encodes and publishes them, so finished
+frames are ready it starts a CPU task that post-processes and publishes them, so finished
 clips are post-processed and uploaded while the GPUs generate the next ones.
+
+A lost actor loses nothing: when an actor's process dies (a crash, the OOM killer, its
+node), Ray restarts it with its model, the clips it held are generated again (a bounded
+number of times) and the manifest records each lost attempt.
 """
 
 from __future__ import annotations
@@ -13,9 +17,10 @@ import hashlib
 import io
 import logging
 import os
+import time
 from collections import deque
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import ray
@@ -26,7 +31,7 @@ from transformers.utils import logging as transformers_logging
 from catalogs.sources import read_bytes
 from infra.objectstore import ObjectStore
 from infra.settings import ObjectStoreConfig, Settings
-from tasks.publish import finish_clip
+from tasks.publish import FinishingContext, finish_clip
 from tasks.records import ClipSpec, GeneratedClip, ManifestEntry, failed_entry
 from wan_engine import EngineOptions, WanGenerator, get_model_spec, model_location
 
@@ -36,6 +41,19 @@ log = logging.getLogger(__name__)
 CLIPS_IN_FLIGHT_PER_ACTOR = 2
 # Generated clips allowed to wait for encoding, per actor: bounds the frames held in memory.
 FINISHING_PER_ACTOR = 2
+# Times a clip is generated again after its attempt was lost with its actor: enough for a one-off
+# crash, few enough that a clip that kills every actor it meets ends as failed instead of looping.
+CLIP_RETRIES = 2
+# Restarts per actor (each reloads the model): a clip that kills its actor on every attempt uses
+# 1 + CLIP_RETRIES of them and leaves as many again for the rest of the run.
+ACTOR_MAX_RESTARTS = 2 * (1 + CLIP_RETRIES)
+# A restart reloads the model: minutes at real size, more when a new host first downloads the weights.
+# Past this, the restart cannot be placed (no node with a free GPU): the actor is given up.
+ACTOR_RESTART_TIMEOUT_S = 1800.0
+# What an attempt lost with its actor looks like: the actor's process or node died during the clip
+# (ActorDiedError, or ActorUnavailableError while Ray notices and restarts it), or the frames were
+# lost with their node before the finisher read them.
+GENERATION_LOST = (ray.exceptions.RayActorError, ray.exceptions.ObjectLostError)
 
 
 def connect_ray(settings: Settings) -> None:
@@ -88,14 +106,20 @@ class GeneratorActor:
     def name(self) -> str:
         return self.worker
 
-    def generate(self, spec: ClipSpec) -> GeneratedClip:
-        """Frames for one clip, or the error that stopped it (a clip's failure is not the actor's)."""
+    @ray.method(num_returns=2)
+    def generate(self, spec: ClipSpec) -> tuple[str, GeneratedClip]:
+        """The worker that ran the clip, and its frames or the error that stopped it.
+
+        Two returns so the dispatcher can read the small first one to learn whether the attempt
+        outlived the actor, and hand the second (the frames) to a finisher without fetching it.
+        A clip's own failure is not the actor's: it comes back as the clip's ``error``.
+        """
         try:
             image = self._image(spec) if spec.image_uri else None
             video = self.generator.generate(spec.request(image))
         except Exception as err:
             log.warning("generation failed clip_id=%s error=%s", spec.clip_id, err)
-            return GeneratedClip(
+            return self.worker, GeneratedClip(
                 spec,
                 None,
                 spec.fps,
@@ -105,7 +129,7 @@ class GeneratorActor:
                 error=f"{type(err).__name__}: {err}",
                 engine_mode=self.generator.options.mode,
             )
-        return GeneratedClip(
+        return self.worker, GeneratedClip(
             spec,
             video.frames,
             video.fps,
@@ -171,14 +195,44 @@ class FleetStartError(RuntimeError):
     """A model could not be loaded on its actors."""
 
 
+@dataclass
+class _Member:
+    """One generator actor as the dispatcher sees it; kept across render batches."""
+
+    family: str
+    handle: ray.actor.ActorHandle
+    worker: str
+    in_flight: int = 0  # clips sent to it and not answered yet
+    # A call that answers once Ray has restarted the actor and its model is loaded again.
+    restart: ray.ObjectRef | None = None
+    restart_since: float = 0.0
+    gone: bool = False  # restarts used up, or a restart that could not be placed
+
+    @property
+    def serving(self) -> bool:
+        return self.restart is None and not self.gone
+
+
 class GenerationFleet:
     """Generator actors for some models, and the loop that streams clips through them."""
 
-    def __init__(self, shape: FleetShape, settings: Settings, run_id: str) -> None:
+    def __init__(
+        self, shape: FleetShape, settings: Settings, run_id: str, finishing: FinishingContext
+    ) -> None:
         self.run_id = run_id
         self.store_config = settings.object_store()
+        self.finishing = finishing
         self.finisher = ray.remote(finish_clip).options(num_cpus=settings.finisher_num_cpus, max_retries=2)
-        actor_class = ray.remote(GeneratorActor).options(num_gpus=shape.num_gpus, num_cpus=shape.num_cpus)
+        actor_class = ray.remote(GeneratorActor).options(
+            num_gpus=shape.num_gpus,
+            num_cpus=shape.num_cpus,
+            # Ray restarts a dead actor's process, which loads the model again in __init__; an
+            # exception raised by __init__ (a broken model) is not retried.
+            max_restarts=ACTOR_MAX_RESTARTS,
+            # Actors of a model on different nodes when there are several: losing a node then
+            # costs a share of each model, and every node's GPUs and store serve clips.
+            scheduling_strategy="SPREAD",
+        )
         self.actors: dict[str, list[ray.actor.ActorHandle]] = {
             family: [
                 actor_class.remote(
@@ -204,6 +258,11 @@ class GenerationFleet:
             raise FleetStartError(
                 f"generator actors for {', '.join(shape.actors)} failed to load: {err}"
             ) from err
+        handles = [(family, actor) for family, actors in self.actors.items() for actor in actors]
+        self._members = [
+            _Member(family, actor, worker)
+            for (family, actor), worker in zip(handles, self.workers, strict=True)
+        ]
         log.info("fleet ready actors=%s", ",".join(self.workers))
 
     def run(self, clips: Sequence[ClipSpec]) -> Iterator[ManifestEntry]:
@@ -212,38 +271,152 @@ class GenerationFleet:
         unknown = [c for c in clips if c.family not in self.actors]
         for spec in unknown:
             yield failed_entry(spec, self.run_id, "generate", f"no actor holds {spec.model}")
-        actors = [(family, actor) for family, handles in self.actors.items() for actor in handles]
-        in_flight = {id(actor): 0 for _, actor in actors}
-        generating: dict[ray.ObjectRef, tuple[ClipSpec, ray.actor.ActorHandle]] = {}
+        lost: dict[str, list[str]] = {}  # clip id -> why each of its lost attempts was lost
+        generating: dict[ray.ObjectRef, tuple[ClipSpec, _Member, ray.ObjectRef]] = {}
         finishing: dict[ray.ObjectRef, ClipSpec] = {}
-        finishing_limit = FINISHING_PER_ACTOR * len(actors)
         while generating or finishing or any(queues.values()):
-            for family, actor in actors:
+            self._give_up_slow_restarts()
+            yield from self._fail_orphans(queues, lost)
+            # Back-pressure counts the actors that will serve again, restarting ones included.
+            finishing_limit = FINISHING_PER_ACTOR * sum(not m.gone for m in self._members)
+            for member in self._members:
+                queue = queues[member.family]
                 while (
-                    queues[family]
-                    and in_flight[id(actor)] < CLIPS_IN_FLIGHT_PER_ACTOR
+                    queue
+                    and member.serving
+                    and member.in_flight < CLIPS_IN_FLIGHT_PER_ACTOR
                     # Back-pressure: while encoders lag, let the actors drain instead of piling up frames.
                     and len(finishing) < finishing_limit
                 ):
-                    spec = queues[family].popleft()
-                    generating[actor.generate.remote(spec)] = (spec, actor)
-                    in_flight[id(actor)] += 1
-            ready, _ = ray.wait([*generating, *finishing], num_returns=1, fetch_local=False)
+                    spec = queue.popleft()
+                    done, frames = member.handle.generate.remote(spec)
+                    generating[done] = (spec, member, frames)
+                    member.in_flight += 1
+            restarts = {m.restart: m for m in self._members if m.restart is not None}
+            if not (generating or finishing or restarts):
+                continue  # every queued clip was just failed as an orphan
+            ready, _ = ray.wait(
+                [*generating, *finishing, *restarts],
+                num_returns=1,
+                fetch_local=False,
+                timeout=self._restart_wait(),
+            )
             for ref in ready:
-                if ref in generating:
-                    spec, actor = generating.pop(ref)
-                    in_flight[id(actor)] -= 1
+                if ref in restarts:
+                    self._restarted(restarts[ref])
+                elif ref in generating:
+                    spec, member, frames = generating.pop(ref)
+                    member.in_flight -= 1
+                    try:
+                        ray.get(ref)  # the worker's name, small: the frames stay where they are
+                    except GENERATION_LOST as err:
+                        self._actor_lost(member, err)
+                        if entry := self._lost_attempt(spec, err, queues, lost):
+                            yield entry
+                        continue
+                    except ray.exceptions.RayError as err:
+                        yield failed_entry(spec, self.run_id, "generate", f"{type(err).__name__}: {err}")
+                        continue
                     # The frames go from the actor's node to the finisher without passing through here.
-                    finishing[self.finisher.remote(ref, self.store_config, self.run_id)] = spec
-                else:
-                    yield self._entry(ref, finishing.pop(ref))
+                    finishing[self.finisher.remote(frames, self.finishing, self.run_id)] = spec
+                elif entry := self._entry(ref, finishing.pop(ref), queues, lost):
+                    yield entry
 
-    def _entry(self, ref: ray.ObjectRef, spec: ClipSpec) -> ManifestEntry:
+    def _entry(
+        self,
+        ref: ray.ObjectRef,
+        spec: ClipSpec,
+        queues: dict[str, deque[ClipSpec]],
+        lost: dict[str, list[str]],
+    ) -> ManifestEntry | None:
+        """The clip's entry from its finisher, or None when its frames were lost and it is queued again."""
         try:
-            return ray.get(ref)
+            entry = ray.get(ref)
+        except GENERATION_LOST as err:
+            return self._lost_attempt(spec, err, queues, lost)
         except ray.exceptions.RayError as err:
-            # The actor or the finisher died (not a failure of the clip itself).
-            return failed_entry(spec, self.run_id, "generate", f"{type(err).__name__}: {err}")
+            # The finisher died or raised (not a failure of the clip itself), after Ray's own retries.
+            entry = failed_entry(spec, self.run_id, "generate", f"{type(err).__name__}: {err}")
+        errors = lost.get(spec.clip_id)
+        return replace(entry, attempts=1 + len(errors), retried_after=list(errors)) if errors else entry
+
+    def _lost_attempt(
+        self,
+        spec: ClipSpec,
+        err: ray.exceptions.RayError,
+        queues: dict[str, deque[ClipSpec]],
+        lost: dict[str, list[str]],
+    ) -> ManifestEntry | None:
+        """Queue a clip again after an attempt lost with its actor; once retries are spent, its failure."""
+        errors = lost.setdefault(spec.clip_id, [])
+        errors.append(f"{type(err).__name__}: {err}")
+        if len(errors) <= CLIP_RETRIES:
+            log.warning(
+                "clip attempt lost with its actor clip_id=%s sku=%s attempt=%d error=%s",
+                spec.clip_id,
+                spec.sku,
+                len(errors),
+                type(err).__name__,
+            )
+            # At the front: it has waited its turn once already.
+            queues[spec.family].appendleft(spec)
+            return None
+        reason = f"lost with its generator actor on all {len(errors)} attempts; last: {errors[-1]}"
+        log.error("clip failed clip_id=%s sku=%s stage=generate reason=%s", spec.clip_id, spec.sku, reason)
+        return failed_entry(
+            spec, self.run_id, "generate", reason, attempts=len(errors), retried_after=errors[:-1]
+        )
+
+    def _actor_lost(self, member: _Member, err: ray.exceptions.RayError) -> None:
+        """Take an actor out of service until Ray has restarted it (its other clips fail the same way)."""
+        if member.restart is not None or member.gone:
+            return
+        log.warning("generator actor lost worker=%s error=%s", member.worker, type(err).__name__)
+        # Retried across the restart, so it answers once the new process has loaded the model, or
+        # raises ActorDiedError when the actor is dead for good. Calls sent meanwhile would fail at once.
+        member.restart = member.handle.name.options(max_task_retries=-1).remote()
+        member.restart_since = time.monotonic()
+
+    def _restarted(self, member: _Member) -> None:
+        restart, member.restart = member.restart, None
+        try:
+            member.worker = ray.get(restart)
+        except ray.exceptions.RayError as err:
+            member.gone = True
+            log.error(
+                "generator actor gone worker=%s error=%s", member.worker, f"{type(err).__name__}: {err}"
+            )
+            return
+        log.info("generator actor restarted worker=%s", member.worker)
+
+    def _restart_wait(self) -> float | None:
+        """How long the dispatcher may wait before the oldest restart is due to be given up."""
+        since = [m.restart_since for m in self._members if m.restart is not None]
+        return max(0.0, min(since) + ACTOR_RESTART_TIMEOUT_S - time.monotonic()) if since else None
+
+    def _give_up_slow_restarts(self) -> None:
+        for member in self._members:
+            if (
+                member.restart is not None
+                and time.monotonic() - member.restart_since > ACTOR_RESTART_TIMEOUT_S
+            ):
+                log.error("generator actor gone worker=%s error=restart not done in time", member.worker)
+                ray.kill(member.handle)
+                member.restart, member.gone = None, True
+
+    def _fail_orphans(
+        self, queues: dict[str, deque[ClipSpec]], lost: dict[str, list[str]]
+    ) -> Iterator[ManifestEntry]:
+        """Fail the queued clips of models whose actors are all gone: nothing is left to make them."""
+        for family, queue in queues.items():
+            if queue and all(m.gone for m in self._members if m.family == family):
+                while queue:
+                    spec = queue.popleft()
+                    reason = f"no generator actor of {family} is left: all died and could not be restarted"
+                    # A clip queued again after lost attempts: each of them was followed by a retry.
+                    errors = lost.get(spec.clip_id)
+                    details = {"attempts": len(errors), "retried_after": list(errors)} if errors else {}
+                    yield failed_entry(spec, self.run_id, "generate", reason, **details)
 
     def shutdown(self) -> None:
         for handles in self.actors.values():

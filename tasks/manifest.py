@@ -40,6 +40,21 @@ MANIFEST_SCHEMA = pa.schema(
         ("expert_calls", pa.string()),  # JSON: transformer forward passes per expert
         ("worker", pa.string()),
         ("engine_mode", pa.string()),  # "exact", or the opt-in approximations that made the clip
+        ("profile", pa.string()),  # the post-production profile
+        ("experiment_id", pa.string()),  # A/B runs: experiment, variant and sample of the clip
+        ("variant_id", pa.string()),
+        ("sample", pa.int32()),
+        ("delivered_width", pa.int32()),
+        ("delivered_height", pa.int32()),
+        ("delivered_fps", pa.int32()),
+        ("delivered_frames", pa.int32()),
+        ("preview_key", pa.string()),
+        ("quarantine_key", pa.string()),  # a blocked clip, under the prefix normal readers cannot list
+        ("watermark_payload", pa.string()),  # hex; `wanfactory verify FILE` reads it back
+        ("filter_scores", pa.string()),  # JSON: the frame classifier's highest score per label
+        ("postprocess", pa.string()),  # JSON: each stage's parameters, outcome and CPU seconds
+        ("attempts", pa.int32()),  # generation attempts; more than one when an actor died during the clip
+        ("retried_after", pa.string()),  # JSON: the errors that lost the earlier attempts
     ]
 )
 
@@ -61,12 +76,19 @@ def status_counts(entries: Sequence[ManifestEntry]) -> dict[str, int]:
 
 
 def write_manifest(
-    store: ObjectStore, run_id: str, catalog_uri: str, entries: Sequence[ManifestEntry]
+    store: ObjectStore,
+    run_id: str,
+    source_uri: str,
+    entries: Sequence[ManifestEntry],
+    prefix: str | None = None,
 ) -> ManifestLocation:
-    """Store the manifest under ``runs/<run_id>/`` as ``manifest.parquet`` and ``manifest.json``."""
+    """Store the manifest as ``manifest.parquet`` and ``manifest.json`` under ``prefix`` (``runs/<run_id>``).
+
+    ``source_uri`` is the catalog or prompt sheet the run read.
+    """
     table = manifest_table(entries)
     counts = status_counts(entries)
-    prefix = f"runs/{run_id}"
+    prefix = prefix or f"runs/{run_id}"
     buffer = io.BytesIO()
     pq.write_table(table, buffer)
     metadata = {"run-id": run_id}
@@ -75,7 +97,7 @@ def write_manifest(
     )
     document = {
         "run_id": run_id,
-        "catalog": catalog_uri,
+        "source": source_uri,
         "written_at": datetime.now(UTC).isoformat(),
         "counts": counts,
         "clips": table.to_pylist(),

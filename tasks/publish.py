@@ -1,27 +1,58 @@
-"""Finishing a generated clip: encode it and publish video and thumbnail to the object store.
+"""Finishing a generated clip: post-production, then publish (or quarantine) it in the object store.
 
-:func:`finish_clip` never raises for a clip's own failure: it returns the manifest
-entry that says where and why the clip stopped, so one bad clip never sinks a batch.
+:func:`finish_clip` runs in a CPU Ray task, never on a GPU actor, so a GPU moves on to its
+next clip while this one is post-processed. It never raises for a clip's own failure: it
+returns the manifest entry that says where and why the clip stopped, so one bad clip never
+sinks a batch.
 """
 
 from __future__ import annotations
 
+import functools
+import io
 import logging
 import tempfile
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from PIL import Image
+
+from catalogs.sources import read_bytes
+from infra.access import QUARANTINE_PREFIX
 from infra.objectstore import ObjectStore
 from infra.settings import ObjectStoreConfig
-from tasks.encode import encode_clip
+from tasks.postprod.chain import ChainTools, StageError, finish_frames
+from tasks.postprod.content_filter import FrameClassifier
+from tasks.postprod.profile import PostprocessProfile
+from tasks.postprod.provenance import ProvenanceParams
 from tasks.records import ClipStatus, FinishedClip, GeneratedClip, ManifestEntry, failed_entry
 
 log = logging.getLogger(__name__)
 
 
+@dataclass(frozen=True)
+class FinishingContext:
+    """What every finishing task of a run needs; small and picklable, built once by the driver."""
+
+    store: ObjectStoreConfig
+    profiles: Mapping[str, PostprocessProfile]
+    provenance: ProvenanceParams
+    threads: int = 1  # ffmpeg and classifier threads per clip: clips in parallel use the other cores
+
+
+@functools.cache
+def _logo(location: str, store: ObjectStoreConfig) -> Image.Image:
+    # Read once per worker process: every clip of a profile carries the same logo.
+    with Image.open(io.BytesIO(read_bytes(location, ObjectStore(store).client))) as image:
+        image.load()
+        return image.copy()
+
+
 def clip_metadata(finished: FinishedClip, run_id: str) -> dict[str, str]:
     """The S3 user metadata that identifies a published clip without its manifest."""
     spec = finished.spec
-    return {
+    metadata = {
         "clip-id": spec.clip_id,
         "sku": spec.sku,
         "model": spec.model,
@@ -30,32 +61,74 @@ def clip_metadata(finished: FinishedClip, run_id: str) -> dict[str, str]:
         "run-id": run_id,
         "frames": str(finished.frame_count),
         "fps": str(finished.fps),
+        "profile": spec.profile,
     }
+    if finished.watermark_payload:
+        metadata["watermark"] = finished.watermark_payload
+    return metadata
+
+
+def _entry(finished: FinishedClip, run_id: str, status: ClipStatus, **details: object) -> ManifestEntry:
+    generated = finished.generated
+    return ManifestEntry.for_spec(
+        finished.spec,
+        run_id,
+        status,
+        generate_seconds=round(generated.seconds, 3),
+        expert_calls=generated.expert_calls,
+        worker=generated.worker,
+        engine_mode=generated.engine_mode,
+        delivered_width=finished.width,
+        delivered_height=finished.height,
+        delivered_fps=finished.fps,
+        delivered_frames=finished.frame_count,
+        watermark_payload=finished.watermark_payload,
+        filter_scores=finished.filter_scores,
+        postprocess=[asdict(report) for report in finished.stages],
+        **details,
+    )
 
 
 def publish_clip(store: ObjectStore, finished: FinishedClip, run_id: str) -> ManifestEntry:
-    """Upload thumbnail then video; the video's key is what marks the clip as done, so it goes last."""
+    """Upload thumbnail, preview, then video; the video's key marks the clip as done, so it goes last."""
     spec, metadata = finished.spec, clip_metadata(finished, run_id)
     store.put_file(spec.thumbnail_key, finished.thumbnail_path, "image/jpeg", metadata)
+    if finished.preview_path is not None:
+        store.put_file(spec.preview_key, finished.preview_path, "image/webp", metadata)
     store.put_file(spec.clip_key, finished.video_path, "video/mp4", metadata)
-    generated = finished.generated
-    return ManifestEntry.for_spec(
-        spec,
+    return _entry(
+        finished,
         run_id,
         ClipStatus.PUBLISHED,
         stage="publish",
         clip_key=spec.clip_key,
         thumbnail_key=spec.thumbnail_key,
+        preview_key=spec.preview_key if finished.preview_path is not None else None,
         video_bytes=finished.video_path.stat().st_size,
-        generate_seconds=round(generated.seconds, 3),
-        expert_calls=generated.expert_calls,
-        worker=generated.worker,
-        engine_mode=generated.engine_mode,
     )
 
 
-def finish_clip(generated: GeneratedClip, store_config: ObjectStoreConfig, run_id: str) -> ManifestEntry:
-    """Encode and publish one generated clip; any failure becomes a failed entry naming its stage."""
+def quarantine_clip(store: ObjectStore, finished: FinishedClip, run_id: str) -> ManifestEntry:
+    """Put a blocked clip where reviewers with the writer's access can see it and readers cannot."""
+    spec, metadata = finished.spec, clip_metadata(finished, run_id)
+    reason = "; ".join(finished.blocked)
+    key = QUARANTINE_PREFIX + spec.clip_key
+    store.put_file(QUARANTINE_PREFIX + spec.thumbnail_key, finished.thumbnail_path, "image/jpeg", metadata)
+    store.put_file(key, finished.video_path, "video/mp4", metadata)
+    log.warning("clip quarantined clip_id=%s sku=%s reason=%s", spec.clip_id, spec.sku, reason)
+    return _entry(
+        finished,
+        run_id,
+        ClipStatus.QUARANTINED,
+        stage="content_filter",
+        reason=f"blocked by the frame classifier: {reason}",
+        quarantine_key=key,
+        video_bytes=finished.video_path.stat().st_size,
+    )
+
+
+def finish_clip(generated: GeneratedClip, context: FinishingContext, run_id: str) -> ManifestEntry:
+    """Post-process and publish one generated clip; any failure becomes a failed entry naming its stage."""
     spec = generated.spec
 
     def failed(stage: str, reason: str) -> ManifestEntry:
@@ -73,12 +146,20 @@ def finish_clip(generated: GeneratedClip, store_config: ObjectStoreConfig, run_i
 
     if generated.error is not None:
         return failed("generate", generated.error)
+    profile = context.profiles[spec.profile]
     with tempfile.TemporaryDirectory(prefix="wanfactory-") as tmp:
         try:
-            finished = encode_clip(generated, Path(tmp))
-        except Exception as err:
-            return failed("encode", f"{type(err).__name__}: {err}")
+            logo = _logo(profile.logo_location, context.store) if profile.logo_location else None
+            tools = ChainTools(FrameClassifier(context.threads), context.provenance, logo, context.threads)
+            finished = finish_frames(generated, profile, tools, run_id, Path(tmp))
+        except StageError as err:
+            return failed(err.stage, str(err))
+        except Exception as err:  # loading the logo or the classifier
+            return failed("postprocess", f"{type(err).__name__}: {err}")
+        store = ObjectStore(context.store)
         try:
-            return publish_clip(ObjectStore(store_config), finished, run_id)
+            if finished.blocked:
+                return quarantine_clip(store, finished, run_id)
+            return publish_clip(store, finished, run_id)
         except Exception as err:
             return failed("upload", f"{type(err).__name__}: {err}")

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from tasks.postprod.report import StageReport
 from wan_engine import GenerationRequest
 
 if TYPE_CHECKING:
@@ -52,14 +53,30 @@ class ClipSpec:
     image_uri: str | None
     image_sha256: str | None
     prompt_sha256: str
+    profile: str  # the post-production profile's name
+    # A/B samples: their experiment and variant (``sku`` is then "<experiment>/<variant>").
+    experiment_id: str | None = None
+    variant_id: str | None = None
+    sample: int | None = None
+
+    @property
+    def key_stem(self) -> str:
+        """Where this clip's files live, less the extension."""
+        if self.experiment_id is not None:
+            return f"experiments/{self.experiment_id}/{self.variant_id}/{self.clip_id}"
+        return f"clips/{self.sku}/{self.clip_id}"
 
     @property
     def clip_key(self) -> str:
-        return f"clips/{self.sku}/{self.clip_id}.mp4"
+        return f"{self.key_stem}.mp4"
 
     @property
     def thumbnail_key(self) -> str:
-        return f"clips/{self.sku}/{self.clip_id}.jpg"
+        return f"{self.key_stem}.jpg"
+
+    @property
+    def preview_key(self) -> str:
+        return f"{self.key_stem}.webp"
 
     def request(self, image: Image | None = None) -> GenerationRequest:
         return GenerationRequest(
@@ -92,14 +109,25 @@ class GeneratedClip:
 
 @dataclass(frozen=True)
 class FinishedClip:
-    """A clip encoded for delivery, in local files ready to upload."""
+    """A clip through post-production, in local files ready to upload (or to quarantine).
+
+    ``blocked`` holds the content filter's reasons: a blocked clip is encoded as generated, for
+    review, and never published. ``stages`` are the post-production stage reports, in order.
+    """
 
     spec: ClipSpec
+    generated: GeneratedClip = field(repr=False)
     video_path: Path
     thumbnail_path: Path
+    preview_path: Path | None
     frame_count: int
     fps: int
-    generated: GeneratedClip = field(repr=False)
+    width: int
+    height: int
+    stages: tuple[StageReport, ...]
+    watermark_payload: str | None  # 12 hex digits, when the invisible watermark was embedded
+    blocked: tuple[str, ...] = ()
+    filter_scores: dict[str, float] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -129,6 +157,21 @@ class ManifestEntry:
     expert_calls: dict[str, int] = field(default_factory=dict)
     worker: str | None = None
     engine_mode: str | None = None
+    profile: str | None = None
+    experiment_id: str | None = None
+    variant_id: str | None = None
+    sample: int | None = None
+    delivered_width: int | None = None
+    delivered_height: int | None = None
+    delivered_fps: int | None = None
+    delivered_frames: int | None = None
+    preview_key: str | None = None
+    quarantine_key: str | None = None  # where a blocked clip was put for review
+    watermark_payload: str | None = None
+    filter_scores: dict[str, float] = field(default_factory=dict)  # the content filter's max per label
+    postprocess: list[dict[str, Any]] = field(default_factory=list)  # stage reports: params, outcome, CPU s
+    attempts: int = 1  # generation attempts: more than one when an attempt was lost with its actor
+    retried_after: list[str] = field(default_factory=list)  # the errors that lost the earlier attempts
 
     @classmethod
     def for_spec(cls, spec: ClipSpec, run_id: str, status: ClipStatus, **details: Any) -> ManifestEntry:
@@ -147,14 +190,19 @@ class ManifestEntry:
             height=spec.height,
             num_frames=spec.num_frames,
             fps=spec.fps,
+            profile=spec.profile,
+            experiment_id=spec.experiment_id,
+            variant_id=spec.variant_id,
+            sample=spec.sample,
             **details,
         )
 
     def to_record(self) -> dict[str, Any]:
-        """A flat record for Parquet and JSON (expert calls as a JSON string)."""
+        """A flat record for Parquet and JSON (nested fields as JSON strings)."""
         record = asdict(self)
         record["status"] = str(self.status)
-        record["expert_calls"] = json.dumps(self.expert_calls, sort_keys=True)
+        for name in ("expert_calls", "filter_scores", "postprocess", "retried_after"):
+            record[name] = json.dumps(record[name], sort_keys=True, default=str)
         return record
 
 

@@ -8,6 +8,7 @@ batch of ``clips_per_task`` clips (a 10,000-row catalog is ~160 render tasks, no
 from __future__ import annotations
 
 import hashlib
+import re
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from datetime import timedelta
@@ -24,12 +25,17 @@ from prefect.cache_policies import NO_CACHE
 from tqdm import tqdm
 
 from catalogs.schema import CatalogSchemaError, ValidatedCatalog
+from catalogs.sheets import SheetFormatError, SheetReadResult, load_prompt_sheet
 from catalogs.sources import load_catalog, read_bytes
 from infra.objectstore import ObjectStore
 from infra.settings import Settings
+from tasks.experiments import ExperimentOutputs, experiment_markdown, write_experiment_outputs
 from tasks.fleet import FleetShape, GenerationFleet
 from tasks.manifest import ManifestLocation, status_counts, write_manifest
-from tasks.planning import Plan, PlanningRules, plan_clips
+from tasks.planning import Plan, PlanningRules, plan_clips, plan_sheet
+from tasks.postprod.profile import ProfileError
+from tasks.postproduction import Postproduction, prepare_postproduction
+from tasks.publish import FinishingContext
 from tasks.records import ClipSpec, ClipStatus, ManifestEntry
 
 # Reading images for their digests is I/O bound: a few threads hide the object store's latency.
@@ -63,7 +69,7 @@ class RunProgress:
 def _transient(task, task_run, state) -> bool:
     """Retry storage hiccups, not a catalog that is missing or malformed: those fail the same way again."""
     error = state.result(raise_on_failure=False)
-    return not isinstance(error, FileNotFoundError | CatalogSchemaError)
+    return not isinstance(error, FileNotFoundError | CatalogSchemaError | SheetFormatError | ProfileError)
 
 
 # Catalog reads are cheap and must see the latest catalog: never cached, retried on storage hiccups.
@@ -86,26 +92,130 @@ def _digest(uri: str, store: ObjectStore) -> tuple[str, str | None]:
         return uri, None
 
 
+# A sheet is read fresh every run (it may have been re-uploaded under the same name).
+@task(retries=2, retry_delay_seconds=5, retry_condition_fn=_transient, cache_policy=NO_CACHE)
+def load_sheet_task(sheet_uri: str, settings: Settings, postproduction: Postproduction) -> SheetReadResult:
+    sheet = load_prompt_sheet(
+        sheet_uri,
+        ObjectStore(settings.object_store()).client,
+        model_variant=settings.model_variant,
+        default_text_model=settings.default_text_model,
+        default_image_model=settings.default_image_model,
+        postprocess_profiles=postproduction.profiles,
+    )
+    get_run_logger().info(
+        "sheet loaded uri=%s variants=%d problems=%d", sheet_uri, len(sheet.variants), len(sheet.problems)
+    )
+    return sheet
+
+
+@task(retries=2, retry_delay_seconds=5, cache_policy=NO_CACHE)
+def plan_sheet_task(
+    sheet: SheetReadResult,
+    run_id: str,
+    settings: Settings,
+    postproduction: Postproduction,
+    force: bool = False,
+) -> Plan:
+    store = ObjectStore(settings.object_store())
+    uris = sorted({v.image_uri for v in sheet.variants if v.image_uri})
+    with ThreadPoolExecutor(_DIGEST_THREADS) as pool:
+        digests = dict(pool.map(lambda uri: _digest(uri, store), uris))
+    published = set() if force else set(store.list_keys("experiments/"))
+    plan = plan_sheet(sheet, _rules(settings, postproduction), run_id, digests, published)
+    get_run_logger().info(
+        "plan to_generate=%d skipped=%d rejected=%d refused_by_prompt_policy=%d",
+        len(plan.clips),
+        len(plan.skipped),
+        len(plan.rejected),
+        len(plan.refused),
+    )
+    return plan
+
+
+@task(retries=3, retry_delay_seconds=5, cache_policy=NO_CACHE)
+def experiment_outputs_task(
+    run_id: str, sheet_uri: str, sheet: SheetReadResult, entries: Sequence[ManifestEntry], settings: Settings
+) -> list[ExperimentOutputs]:
+    """Per experiment: sheet, manifest and contact sheet in the store, and the contact sheet in the UI."""
+    store = ObjectStore(settings.object_store())
+    outputs = write_experiment_outputs(store, run_id, sheet_uri, sheet, entries)
+    expiry = timedelta(hours=settings.link_expiry_hours)
+    for output in outputs:
+        create_markdown_artifact(
+            key=f"contact-sheet-{_artifact_key(output.experiment_id)}",
+            markdown=experiment_markdown(
+                output, entries, lambda key: store.presigned_url(key, expiry), store.uri
+            ),
+            description=f"Variants of {output.experiment_id} side by side; links expire after "
+            f"{settings.link_expiry_hours} h",
+        )
+    return outputs
+
+
+def _artifact_key(name: str) -> str:
+    # Artifact keys allow lowercase letters, digits and dashes only.
+    return re.sub(r"[^a-z0-9-]+", "-", name.lower()).strip("-") or "experiment"
+
+
+def _rules(settings: Settings, postproduction: Postproduction) -> PlanningRules:
+    return PlanningRules(
+        variant=settings.model_variant,
+        default_text_model=settings.default_text_model,
+        default_image_model=settings.default_image_model,
+        profiles=postproduction.profiles,
+        default_profile=postproduction.default_profile,
+        prompt_policy=postproduction.prompt_policy,
+        default_locale=settings.content_locale,
+    )
+
+
+# Profiles, logos and certificates may change between runs: read fresh, retried on storage hiccups.
+@task(retries=2, retry_delay_seconds=5, retry_condition_fn=_transient, cache_policy=NO_CACHE)
+def prepare_postproduction_task(settings: Settings) -> Postproduction:
+    postproduction = prepare_postproduction(settings)
+    get_run_logger().info(
+        "post-production profiles=%s default=%s",
+        ",".join(sorted(postproduction.profiles)),
+        postproduction.default_profile,
+    )
+    return postproduction
+
+
 # Planning lists what is already published, which changes every run: never cached.
 @task(retries=2, retry_delay_seconds=5, cache_policy=NO_CACHE)
-def plan_task(catalog: ValidatedCatalog, run_id: str, settings: Settings, force: bool = False) -> Plan:
+def plan_task(
+    catalog: ValidatedCatalog,
+    run_id: str,
+    settings: Settings,
+    postproduction: Postproduction,
+    force: bool = False,
+    force_skus: Sequence[str] = (),
+) -> Plan:
     store = ObjectStore(settings.object_store())
     uris = sorted({row.image_uri for row in catalog.rows if row.image_uri})
     with ThreadPoolExecutor(_DIGEST_THREADS) as pool:
         digests = dict(pool.map(lambda uri: _digest(uri, store), uris))
     published = set() if force else set(store.list_keys("clips/"))
-    rules = PlanningRules(settings.model_variant, settings.default_text_model, settings.default_image_model)
-    plan = plan_clips(catalog, rules, run_id, digests, published)
+    # clips/<sku>/<clip_id>.mp4: forcing a product forgets that its clips are published.
+    published = {key for key in published if key.split("/")[1] not in set(force_skus)}
+    plan = plan_clips(catalog, _rules(settings, postproduction), run_id, digests, published)
     get_run_logger().info(
-        "plan to_generate=%d skipped=%d rejected=%d", len(plan.clips), len(plan.skipped), len(plan.rejected)
+        "plan to_generate=%d skipped=%d rejected=%d refused_by_prompt_policy=%d",
+        len(plan.clips),
+        len(plan.skipped),
+        len(plan.rejected),
+        len(plan.refused),
     )
     return plan
 
 
 # Loading models takes minutes at real size: its own task, so the UI shows where the time goes.
 @task(cache_policy=NO_CACHE)
-def start_fleet_task(shape: FleetShape, settings: Settings, run_id: str) -> GenerationFleet:
-    fleet = GenerationFleet(shape, settings, run_id)
+def start_fleet_task(
+    shape: FleetShape, settings: Settings, run_id: str, finishing: FinishingContext
+) -> GenerationFleet:
+    fleet = GenerationFleet(shape, settings, run_id, finishing)
     get_run_logger().info("generator actors ready: %s", ", ".join(fleet.workers))
     return fleet
 
@@ -127,7 +237,7 @@ def render_batch_task(
             entry.sku,
             entry.clip_id,
             entry.model,
-            f" stage={entry.stage} reason={entry.reason}" if entry.status == ClipStatus.FAILED else "",
+            f" stage={entry.stage} reason={entry.reason}" if entry.status != ClipStatus.PUBLISHED else "",
         )
     return entries
 
@@ -166,7 +276,7 @@ def report_task(
         description=f"Every clip of run {run_id}; links expire after {settings.link_expiry_hours} h",
     )
     counts = status_counts(entries)
-    failures = [e for e in ordered if e.status == ClipStatus.FAILED]
+    failures = [e for e in ordered if e.status in (ClipStatus.FAILED, ClipStatus.QUARANTINED)]
     lines = [
         f"# Run {run_id}",
         "",
@@ -175,6 +285,10 @@ def report_task(
         f"Manifest: `{store.uri(manifest.parquet_key)}` and `{store.uri(manifest.json_key)}`",
     ]
     if failures:
-        lines += ["", "## Failures", "", "| row | sku | stage | reason |", "|---|---|---|---|"]
-        lines += [f"| {e.row} | {e.sku or ''} | {e.stage} | {e.reason.replace('|', '/')} |" for e in failures]
+        lines += ["", "## Failed and quarantined", "", "| row | sku or variant | status | stage | reason |"]
+        lines += ["|---|---|---|---|---|"]
+        lines += [
+            f"| {e.row} | {e.sku or ''} | {e.status} | {e.stage} | {e.reason.replace('|', '/')} |"
+            for e in failures
+        ]
     create_markdown_artifact(key="run-summary", markdown="\n".join(lines), description=f"Summary of {run_id}")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+from dataclasses import replace
 from datetime import UTC, datetime
 
 import pyarrow as pa
@@ -15,9 +16,19 @@ from catalogs.schema import CATALOG_SCHEMA, CatalogSchemaError, validate_catalog
 from catalogs.sources import load_catalog, resolve_reference
 from tasks.fleet import plan_fleets
 from tasks.planning import PlanningRules, derived_seed, plan_clips
+from tasks.postprod.content_filter import PromptPolicy
+from tasks.postprod.profile import ProfileError, load_profiles, parse_profiles
 from tasks.records import ClipStatus
 
-RULES = PlanningRules(variant="tiny", default_text_model="t2v-a14b", default_image_model="i2v-a14b")
+PROFILES = load_profiles()
+RULES = PlanningRules(
+    variant="tiny",
+    default_text_model="t2v-a14b",
+    default_image_model="i2v-a14b",
+    profiles=PROFILES,
+    default_profile="standard",
+    prompt_policy=PromptPolicy.load(),
+)
 NOW = datetime(2026, 11, 21, tzinfo=UTC)
 
 
@@ -120,9 +131,82 @@ def test_clip_ids_are_deterministic_and_follow_every_input():
     replanned = plan_clips(validate_catalog(changed), RULES, "run-3", {}, set())
     assert all(a.clip_id != b.clip_id for a, b in zip(plan.clips, replanned.clips, strict=True))
     other_model = plan_clips(
-        validate_catalog(base), RULES.__class__("tiny", "ti2v-5b", "i2v-a14b"), "r", {}, set()
+        validate_catalog(base), replace(RULES, default_text_model="ti2v-5b"), "r", {}, set()
     )
     assert other_model.clips[0].clip_id != plan.clips[0].clip_id
+    # The post-production profile determines the clip too: another profile, or a changed one.
+    other_profile = plan_clips(
+        validate_catalog(base), replace(RULES, default_profile="social-30"), "r", {}, set()
+    )
+    assert other_profile.clips[0].clip_id != plan.clips[0].clip_id
+    assert other_profile.clips[0].profile == "social-30"
+    louder = replace(PROFILES["standard"], conform=replace(PROFILES["standard"].conform, target_fps=30))
+    edited = plan_clips(
+        validate_catalog(base), replace(RULES, profiles={**PROFILES, "standard": louder}), "r", {}, set()
+    )
+    assert edited.clips[0].clip_id != plan.clips[0].clip_id
+    new_logo = {**PROFILES, "standard": PROFILES["standard"].with_logo_digest(b"another logo")}
+    relogo = plan_clips(validate_catalog(base), replace(RULES, profiles=new_logo), "r", {}, set())
+    assert relogo.clips[0].clip_id != plan.clips[0].clip_id
+
+
+def test_the_prompt_policy_refuses_clips_at_planning_in_the_row_locale():
+    table = catalog_table(
+        [
+            {"sku": "FINE"},
+            {"sku": "GORE", "prompt": "A mug covered in Gore and blood, beheaded figurine"},
+            {"sku": "DE", "prompt": "Ein Becher, Enthauptung im Hintergrund", "locale": "de-AT"},
+        ]
+    )
+    plan = plan_clips(validate_catalog(table), RULES, "run-1", {}, set())
+    assert [c.sku for c in plan.clips] == ["FINE"]
+    refused = {entry.sku: entry for entry in plan.refused}
+    assert set(refused) == {"GORE", "DE"}
+    for entry in refused.values():
+        assert entry.status == ClipStatus.QUARANTINED and entry.stage == "prompt_policy" and entry.clip_id
+        assert "prompt refused by the content policy: rule" in entry.reason
+    assert "locale de" in refused["DE"].reason
+
+
+def test_profiles_are_checked_per_row_and_against_the_clip_size():
+    tiny_only = {
+        **PROFILES,
+        "native": replace(
+            PROFILES["standard"],
+            name="native",
+            delivery=replace(PROFILES["standard"].delivery, min_short_side=0),
+        ),
+    }
+    table = catalog_table(
+        [
+            {"sku": "STD"},
+            {"sku": "NATIVE", "postprocess_profile": "native"},
+            {"sku": "NOPE", "postprocess_profile": "cinema"},
+        ]
+    )
+    plan = plan_clips(validate_catalog(table), replace(RULES, profiles=tiny_only), "run-1", {}, set())
+    assert [(c.sku, c.profile) for c in plan.clips] == [("STD", "standard")]
+    reasons = {entry.sku: entry.reason for entry in plan.rejected}
+    # The tiny models make 96x64 frames: too small for the invisible watermark unless delivered larger.
+    assert (
+        "field 'size': profile 'native': 96x64 is too small for the invisible watermark" in reasons["NATIVE"]
+    )
+    assert (
+        "field 'postprocess_profile': unknown profile 'cinema'; known: native, review, social-30, standard"
+        in reasons["NOPE"]
+    )
+
+
+def test_profile_files_name_the_profile_and_table_at_fault(tmp_path):
+    assert PROFILES["standard"].delivery.delivered_size(96, 64) == (384, 256)
+    assert PROFILES["standard"].delivery.delivered_size(832, 480) == (832, 480)
+    assert PROFILES["review"].conform_for(16).target_fps == 16
+    with pytest.raises(ProfileError, match=r"profile 'web', table \[conform\]: unknown fields \['fsp'\]"):
+        parse_profiles({"web": {"conform": {"fsp": 30}}}, tmp_path)
+    with pytest.raises(ProfileError, match=r"profile 'web': unknown tables \['stabilise'\]"):
+        parse_profiles({"web": {"stabilise": {"enabled": False}}}, tmp_path)
+    with pytest.raises(ProfileError, match=r"profile 'web', table \[content_filter\]: sample_frames must be"):
+        parse_profiles({"web": {"content_filter": {"sample_frames": 0}}}, tmp_path)
 
 
 def test_published_clips_are_skipped_with_a_reason():

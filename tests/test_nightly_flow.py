@@ -6,13 +6,18 @@ import io
 import json
 from datetime import UTC, datetime
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from PIL import Image
 
 from catalogs.sample import SAMPLE_DIR, SAMPLE_PRODUCTS
 from catalogs.schema import CATALOG_SCHEMA
 from flows.nightly import nightly_catalog
+from tasks.postprod.motion import conform_frame_count
+from tasks.postprod.verify import verify_clip
+from tasks.postproduction import trust_anchor
 from tasks.records import ClipStatus
 from tests.media import decode_frames, probe_video, top_level_boxes
 
@@ -46,16 +51,48 @@ def test_every_sample_clip_is_published_as_a_playable_mp4(sample_run, store, tmp
         path.write_bytes(store.get_bytes(entry.clip_key))
         info = probe_video(path)
         assert (info.codec, info.pix_fmt) == ("h264", "yuv420p")
+        # The standard profile: tiny 96x64 frames delivered at 384x256, conformed to 24 fps.
+        assert (entry.delivered_width, entry.delivered_height) == (entry.width * 4, entry.height * 4)
+        assert entry.delivered_fps == 24
+        assert entry.delivered_frames == conform_frame_count(entry.num_frames, entry.fps, 24)
         assert (info.width, info.height, info.frames, info.fps) == (
-            entry.width,
-            entry.height,
-            entry.num_frames,
-            entry.fps,
+            entry.delivered_width,
+            entry.delivered_height,
+            entry.delivered_frames,
+            entry.delivered_fps,
         )
         assert top_level_boxes(path).index("moov") < top_level_boxes(path).index("mdat")
         frames = decode_frames(path)
-        assert frames.shape == (entry.num_frames, entry.height, entry.width, 3) and frames.std() > 1
+        assert frames.std() > 1
         assert store.get_bytes(entry.thumbnail_key)[:3] == b"\xff\xd8\xff"  # a JPEG
+        with Image.open(io.BytesIO(store.get_bytes(entry.preview_key))) as preview:
+            assert preview.format == "WEBP" and preview.n_frames > 1
+
+
+def test_every_stage_ran_and_the_published_clips_verify(sample_run, store, settings, tmp_path):
+    for entry in sample_run.entries:
+        stages = {report["stage"]: report for report in entry.postprocess}
+        assert list(stages) == [
+            "content_filter",
+            "delivery",
+            "stabilize",
+            "conform",
+            "visible_watermark",
+            "invisible_watermark",
+            "encode",
+            "provenance",
+            "preview",
+        ]
+        assert stages["content_filter"]["outcome"]["allowed"] and entry.filter_scores
+        for name in ("delivery", "conform", "visible_watermark", "invisible_watermark", "provenance"):
+            assert stages[name]["applied"], (name, stages[name])
+        assert all(report["cpu_seconds"] >= 0 for report in entry.postprocess)
+        path = tmp_path / f"{entry.clip_id}.mp4"
+        path.write_bytes(store.get_bytes(entry.clip_key))
+        report = verify_clip(path, trust_anchor(settings))
+        assert report.ok, report.describe()
+        assert report.watermark.payload_hex == entry.watermark_payload
+        assert report.provenance.clip_id == entry.clip_id and report.provenance.run_id == sample_run.run_id
 
 
 def test_object_metadata_and_manifest_agree(sample_run, store):
@@ -69,8 +106,10 @@ def test_object_metadata_and_manifest_agree(sample_run, store):
             "seed": str(entry.seed),
             "prompt-sha256": entry.prompt_sha256,
             "run-id": sample_run.run_id,
-            "frames": str(entry.num_frames),
-            "fps": str(entry.fps),
+            "frames": str(entry.delivered_frames),
+            "fps": str(entry.delivered_fps),
+            "profile": "standard",
+            "watermark": entry.watermark_payload,
         }
     table = pq.read_table(io.BytesIO(store.get_bytes(sample_run.manifest.parquet_key)))
     document = json.loads(store.get_bytes(sample_run.manifest.json_key))
@@ -107,18 +146,26 @@ def test_the_run_posts_its_artifacts(sample_run):
     assert "published" in artifacts["run-summary"].data
 
 
-def test_a_rerun_skips_everything_and_force_regenerates_identical_clips(sample_run, store):
+def test_a_rerun_skips_everything_and_force_regenerates_the_same_clips(sample_run, store, tmp_path):
     catalog = store.uri("catalogs/sample/catalog.parquet")
-    etags = {e.clip_key: store.client.stat_object(store.bucket, e.clip_key).etag for e in sample_run.entries}
+    before = {e.clip_key: store.get_bytes(e.clip_key) for e in sample_run.entries}
     rerun = nightly_catalog(catalog_uri=catalog)
     assert {e.status for e in rerun.entries} == {ClipStatus.SKIPPED}
     assert {e.clip_id for e in rerun.entries} == {e.clip_id for e in sample_run.entries}
     forced = nightly_catalog(catalog_uri=catalog, force=True)
     assert {e.status for e in forced.entries} == {ClipStatus.PUBLISHED}
-    # Same seeds, same frames, same encoder settings: byte-identical clips.
-    assert {
-        e.clip_key: store.client.stat_object(store.bucket, e.clip_key).etag for e in forced.entries
-    } == etags
+    # Same seeds, same frames: the clips differ only by the invisible watermark, which names the run.
+    for entry in forced.entries:
+        old, new = tmp_path / "old.mp4", tmp_path / "new.mp4"
+        old.write_bytes(before[entry.clip_key])
+        new.write_bytes(store.get_bytes(entry.clip_key))
+        difference = decode_frames(old).astype(float) - decode_frames(new).astype(float)
+        psnr = 10 * np.log10(255**2 / max(np.mean(difference**2), 1e-9))
+        # Each mark costs ~39 dB against unmarked frames, two different marks on the tiny models'
+        # upscaled noise-like frames 32-35 dB against each other; clips of another seed are ~10 dB apart.
+        assert psnr > 28, (entry.sku, psnr)
+    payloads = {e.clip_id: e.watermark_payload for e in sample_run.entries}
+    assert all(payloads[e.clip_id] != e.watermark_payload for e in forced.entries)
 
 
 def test_bad_rows_are_reported_and_good_rows_still_publish(store):
@@ -128,6 +175,13 @@ def test_bad_rows_are_reported_and_good_rows_still_publish(store):
     now = datetime(2026, 11, 21, tzinfo=UTC)
     rows = [
         {"sku": "GOOD-TEXT", "title": "Canvas tote", "description": "Olive tote.", "style": "outdoor"},
+        {
+            "sku": "BLOCKED",
+            "title": "Tote",
+            "description": "d",
+            "style": "studio",
+            "prompt": "A tote bag on a table, a beheading in the background",
+        },
         {"sku": None, "title": "No SKU", "description": "d", "style": "studio"},
         {"sku": "BAD-MODEL", "title": "t", "description": "d", "style": "studio", "model": "wan9-xl"},
         {"sku": "BAD-SIZE", "title": "t", "description": "d", "style": "studio", "size": "1920x1080"},
@@ -156,21 +210,26 @@ def test_bad_rows_are_reported_and_good_rows_still_publish(store):
 
     by_row = {e.row: e for e in result.entries}
     assert sorted(by_row) == list(range(len(rows)))
-    assert {by_row[0].status, by_row[5].status} == {ClipStatus.PUBLISHED}
-    assert store.exists(by_row[0].clip_key) and store.exists(by_row[5].clip_key)
-    assert by_row[5].model == "i2v-a14b-tiny"
+    assert {by_row[0].status, by_row[6].status} == {ClipStatus.PUBLISHED}
+    assert store.exists(by_row[0].clip_key) and store.exists(by_row[6].clip_key)
+    assert by_row[6].model == "i2v-a14b-tiny"
+    # The prompt policy refused row 1 before any GPU time: quarantined, nothing generated or stored.
+    assert by_row[1].status == ClipStatus.QUARANTINED and by_row[1].stage == "prompt_policy"
+    assert "rule en/violence" in by_row[1].reason and by_row[1].generate_seconds is None
+    assert not list(store.list_keys(f"clips/{by_row[1].sku}/"))
+    assert not list(store.list_keys(f"quarantine/clips/{by_row[1].sku}/"))
     expected = {
-        1: ("validate", "field 'sku': is required"),
-        2: ("plan", "field 'model': unknown model 'wan9-xl'"),
-        3: ("plan", "field 'size': 1920x1080 is not one of t2v-a14b-tiny's sizes"),
-        4: ("plan", f"field 'image_uri': no image found at {store.uri('catalogs/bad/images/gone.png')}"),
+        2: ("validate", "field 'sku': is required"),
+        3: ("plan", "field 'model': unknown model 'wan9-xl'"),
+        4: ("plan", "field 'size': 1920x1080 is not one of t2v-a14b-tiny's sizes"),
+        5: ("plan", f"field 'image_uri': no image found at {store.uri('catalogs/bad/images/gone.png')}"),
     }
     for row, (stage, reason) in expected.items():
         assert by_row[row].status == ClipStatus.FAILED and by_row[row].stage == stage
         assert reason in by_row[row].reason, by_row[row].reason
     manifest = json.loads(store.get_bytes(result.manifest.json_key))
-    assert manifest["counts"] == {"failed": 4, "published": 2}
-    assert {clip["row"]: clip["reason"] for clip in manifest["clips"]}[2] == by_row[2].reason
+    assert manifest["counts"] == {"failed": 4, "published": 2, "quarantined": 1}
+    assert {clip["row"]: clip["reason"] for clip in manifest["clips"]}[3] == by_row[3].reason
 
 
 def test_a_model_that_cannot_load_fails_its_clips_with_the_reason(sample_run, store, monkeypatch):

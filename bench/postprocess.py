@@ -1,0 +1,175 @@
+"""Post-production benchmark: CPU seconds of every stage per clip, and CPU cores per GPU to keep up.
+
+    python bench/postprocess.py [--out DIR] [--repeats N]
+
+Runs the real chain (``tasks.postprod.chain.finish_frames``, the ``standard`` profile: content
+filter, stabilization, conform to 24 fps with motion interpolation and deflicker, visible and
+invisible watermarks, H.264 encode, C2PA signature, preview) on synthetic clips at the real
+sizes: 1280x704x121 at 24 fps (TI2V-5B) and 832x480x81 at 16 fps (A14B). The frames are a
+textured scene with a slow pan and camera shake, so stabilization runs rather than skips (the
+expensive case). CPU seconds are each stage's process plus child (ffmpeg) CPU time, one thread
+per clip: a host post-processes as many clips in parallel as it has cores.
+
+``cores_per_gpu`` = a clip's post-production CPU seconds / the GPU seconds that clip takes to
+generate (bench/results/engine-latest.json, exact mode): the cores one GPU keeps busy.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from tasks.postprod.chain import ChainTools, finish_frames
+from tasks.postprod.content_filter import FrameClassifier
+from tasks.postprod.profile import load_profiles
+from tasks.postprod.provenance import ProvenanceParams, ensure_dev_certificate_chain
+from tasks.records import ClipSpec, GeneratedClip
+
+SIZES = {
+    "1280x704x121": (1280, 704, 121, 24),
+    "832x480x81": (832, 480, 81, 16),
+}
+# Which clip size each model makes, and its GPU seconds per clip in exact mode (engine-latest.json).
+MODELS = {
+    "ti2v-5b": ("1280x704x121", "ti2v5b_720p"),
+    "t2v-a14b": ("832x480x81", "a14b_t2v_480p"),
+    "i2v-a14b": ("832x480x81", "a14b_i2v_480p"),
+}
+ENGINE_RESULTS = Path(__file__).with_name("results") / "engine-latest.json"
+
+
+def shaky_scene(width: int, height: int, frames: int, seed: int = 0) -> np.ndarray:
+    """A smooth random texture filmed with a slow pan and a few pixels of hand-held shake."""
+    rng = np.random.default_rng(seed)
+    margin = 48
+    texture = rng.integers(
+        0, 255, ((height + 2 * margin) // 8 + 1, (width + 2 * margin + frames * 2) // 8 + 1, 3)
+    )
+    scene = np.kron(texture, np.ones((8, 8, 1))).astype(np.float32)
+    # Blur the blocks so the motion search sees texture, not a grid.
+    for axis in (0, 1):
+        scene = (scene + np.roll(scene, 3, axis) + np.roll(scene, -3, axis)) / 3
+    shake = rng.normal(0, 3, (frames, 2)).round().astype(int)
+    video = np.empty((frames, height, width, 3), np.uint8)
+    for t in range(frames):
+        y = margin + shake[t, 0]
+        x = margin + 2 * t + shake[t, 1]
+        video[t] = scene[y : y + height, x : x + width]
+    return video
+
+
+def spec_for(name: str, width: int, height: int, frames: int, fps: int) -> ClipSpec:
+    return ClipSpec(
+        clip_id=f"bench-{name}",
+        row=0,
+        sku="BENCH",
+        model="bench",
+        family="bench",
+        variant="full",
+        prompt="bench",
+        negative_prompt="",
+        width=width,
+        height=height,
+        num_frames=frames,
+        fps=fps,
+        steps=0,
+        guidance_scale=0.0,
+        guidance_scale_2=None,
+        seed=0,
+        image_uri=None,
+        image_sha256=None,
+        prompt_sha256="",
+        profile="standard",
+    )
+
+
+def run(out_dir: Path, repeats: int) -> dict:
+    profile = load_profiles()["standard"]
+    from PIL import Image
+
+    logo = Image.open(profile.logo_location)
+    with tempfile.TemporaryDirectory() as tmp:
+        provenance = ProvenanceParams.for_chain(ensure_dev_certificate_chain(Path(tmp) / "c2pa"))
+        tools = ChainTools(FrameClassifier(1), provenance, logo, threads=1)
+        per_size = {}
+        for name, (width, height, frames, fps) in SIZES.items():
+            clip = GeneratedClip(
+                spec_for(name, width, height, frames, fps),
+                shaky_scene(width, height, frames),
+                fps,
+                0.0,
+                {},
+                "bench",
+            )
+            runs = []
+            for repeat in range(repeats):
+                started = time.perf_counter()
+                finished = finish_frames(clip, profile, tools, "bench-run", Path(tmp) / f"{name}-{repeat}")
+                wall = time.perf_counter() - started
+                runs.append(({r.stage: r.cpu_seconds for r in finished.stages}, wall, finished))
+                print(name, repeat, json.dumps(runs[-1][0]), f"wall {wall:.1f} s", flush=True)
+            stages = {stage: round(statistics.median(r[0][stage] for r in runs), 2) for stage in runs[0][0]}
+            finished = runs[0][2]
+            per_size[name] = {
+                "stage_cpu_s": stages,
+                "total_cpu_s": round(sum(stages.values()), 2),
+                "wall_s": round(statistics.median(r[1] for r in runs), 2),
+                "stabilize_applied": next(r.applied for r in finished.stages if r.stage == "stabilize"),
+                "delivered": f"{finished.width}x{finished.height}x{finished.frame_count}@{finished.fps}",
+            }
+    engine = json.loads(ENGINE_RESULTS.read_text())
+    cores = {}
+    for model, (size, config) in MODELS.items():
+        gpu_s = engine[config]["ours_s"]
+        cores[model] = {
+            "clip": size,
+            "gpu_s_per_clip": gpu_s,
+            "gpu_device": engine[config]["device"],
+            "cpu_s_per_clip": per_size[size]["total_cpu_s"],
+            "cores_per_gpu": round(per_size[size]["total_cpu_s"] / gpu_s, 2),
+        }
+    result = {
+        "host": platform.node(),
+        "cpu": _cpu_name(),
+        "cpu_count": os.cpu_count(),
+        "profile": "standard",
+        "repeats": repeats,
+        "per_clip_size": per_size,
+        "cores_per_gpu": cores,
+    }
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "postprocess-latest.json").write_text(json.dumps(result, indent=1) + "\n")
+    print(json.dumps(result, indent=1))
+    return result
+
+
+def _cpu_name() -> str:
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("model name"):
+            return line.split(":", 1)[1].strip()
+    return platform.processor()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--out", type=Path, default=Path(__file__).with_name("results"))
+    parser.add_argument("--repeats", type=int, default=1)
+    args = parser.parse_args()
+    run(args.out, args.repeats)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,60 @@
+"""The A/B creative flow: a prompt sheet's variants, side by side, grouped by experiment.
+
+read and validate the sheet (row and column errors a marketer can act on) -> plan every
+sample (deterministic clip ids; skip what is published) -> generate on the Ray fleet with the
+same post-production as the nightly run -> per experiment: sheet as Parquet, manifest and a
+contact sheet under experiments/<experiment>/ -> the run's artifacts.
+"""
+
+from __future__ import annotations
+
+from prefect import flow, get_run_logger
+from prefect.runtime import flow_run
+
+from flows.common import RunResult, label_flow_run, new_run_id, render_clips
+from infra.settings import Settings
+from tasks.records import ManifestEntry
+from tasks.units import (
+    RunProgress,
+    experiment_outputs_task,
+    load_sheet_task,
+    plan_sheet_task,
+    prepare_postproduction_task,
+    report_task,
+    write_manifest_task,
+)
+
+
+def ab_run_name(experiments: list[str]) -> str:
+    """``ab-<experiment>``, or the experiments joined with '+' when a sheet holds several."""
+    return "ab-" + ("+".join(experiments) if experiments else "empty-sheet")
+
+
+@flow(name="ab-batch", flow_run_name="ab-{sheet_uri}", log_prints=True)
+def ab_batch(sheet_uri: str, force: bool = False) -> RunResult:
+    """Make, post-process and publish every sample of every valid variant in the prompt sheet.
+
+    ``sheet_uri`` is an .xlsx or .csv file: a local path or ``s3://bucket/key``. ``force``
+    regenerates samples that are already published.
+    """
+    settings = Settings()
+    run_id = new_run_id()
+    logger = get_run_logger()
+    postproduction = prepare_postproduction_task(settings)
+    sheet = load_sheet_task(sheet_uri, settings, postproduction)
+    experiments = sorted({variant.experiment_id for variant in sheet.variants})
+    # The run's name and tags come from the sheet's contents, known only now.
+    label_flow_run(ab_run_name(experiments), ["ab", *(f"experiment:{e}" for e in experiments)])
+    logger.info("run %s sheet=%s experiments=%s", run_id, sheet_uri, ",".join(experiments))
+
+    plan = plan_sheet_task(sheet, run_id, settings, postproduction, force)
+    entries: list[ManifestEntry] = [*plan.rejected, *plan.refused, *plan.skipped]
+    progress = RunProgress(len(plan.clips), f"run {run_id}")
+    entries += render_clips(plan.clips, settings, run_id, postproduction.finishing, progress, logger)
+    progress.close()
+
+    manifest = write_manifest_task(run_id, sheet_uri, entries, settings)
+    experiment_outputs_task(run_id, sheet_uri, sheet, entries, settings)
+    report_task(run_id, entries, manifest, settings)
+    logger.info("run %s done counts=%s manifest=%s", run_id, manifest.counts, manifest.parquet_key)
+    return RunResult(run_id, str(flow_run.get_id()), manifest, entries)

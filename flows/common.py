@@ -1,0 +1,79 @@
+"""What every flow shares: run ids, the run's name and tags in the UI, and rendering a plan on the fleet."""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+
+import ray
+from prefect.client.orchestration import get_client
+from prefect.runtime import flow_run
+
+from infra.settings import Settings
+from tasks.fleet import FleetStartError, connect_ray, plan_fleets
+from tasks.manifest import ManifestLocation
+from tasks.publish import FinishingContext
+from tasks.records import ClipSpec, ManifestEntry, failed_entry
+from tasks.units import RunProgress, render_batch_task, start_fleet_task
+
+
+@dataclass(frozen=True)
+class RunResult:
+    run_id: str
+    flow_run_id: str
+    manifest: ManifestLocation
+    entries: list[ManifestEntry]
+
+
+def new_run_id() -> str:
+    """Sortable and unique: the start time and the flow run's id."""
+    started = datetime.now(UTC)
+    return f"{started:%Y%m%dT%H%M%SZ}-{str(flow_run.get_id() or 'local')[:8]}"
+
+
+def label_flow_run(name: str | None = None, tags: Sequence[str] = ()) -> None:
+    """Rename the running flow run and add tags, once the flow knows what it is about (a sheet's
+    experiments are known only after reading it), so people find it in the UI."""
+    run_id = flow_run.get_id()
+    if run_id is None:
+        return
+    with get_client(sync_client=True) as client:
+        current = client.read_flow_run(run_id)
+        client.update_flow_run(run_id, name=name or current.name, tags=sorted({*current.tags, *tags}))
+
+
+def render_clips(
+    clips: Sequence[ClipSpec],
+    settings: Settings,
+    run_id: str,
+    finishing: FinishingContext,
+    progress: RunProgress,
+    logger: logging.Logger | logging.LoggerAdapter,
+) -> list[ManifestEntry]:
+    """Generate, post-process and publish ``clips``; one manifest entry per clip, whatever happens."""
+    if not clips:
+        return []
+    connect_ray(settings)
+    gpus = int(ray.cluster_resources().get("GPU", 0))
+    entries: list[ManifestEntry] = []
+    clip_counts = Counter(clip.family for clip in clips)
+    for shape in plan_fleets(clip_counts, gpus, settings.cpu_actors_per_model, settings.actor_num_cpus):
+        batch_clips = [clip for clip in clips if clip.family in shape.actors]
+        try:
+            fleet = start_fleet_task(shape, settings, run_id, finishing)
+        except FleetStartError as err:
+            logger.error("%s", err)
+            entries += [failed_entry(clip, run_id, "load", str(err)) for clip in batch_clips]
+            progress.advance(len(batch_clips))
+            continue
+        try:
+            for start in range(0, len(batch_clips), settings.clips_per_task):
+                entries += render_batch_task(
+                    fleet, batch_clips[start : start + settings.clips_per_task], progress
+                )
+        finally:
+            fleet.shutdown()
+    return entries

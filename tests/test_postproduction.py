@@ -1,0 +1,135 @@
+"""Finishing one generated clip on the real tools and the real S3 server: publish, quarantine, verify."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from minio.error import S3Error
+from PIL import Image
+from skimage import data
+
+from infra.access import QUARANTINE_PREFIX, READER_UID, apply_reader_access
+from infra.objectstore import ObjectStore
+from infra.settings import Settings
+from tasks.postprod.profile import ProfileError
+from tasks.postprod.verify import verify_clip
+from tasks.postproduction import prepare_postproduction, trust_anchor
+from tasks.publish import finish_clip
+from tasks.records import ClipSpec, ClipStatus, GeneratedClip
+
+PROFILES = """
+[strict]
+description = "standard, but no faces at all"
+[strict.delivery]
+min_short_side = 256
+[strict.content_filter]
+blocked_labels = { FACE_FEMALE = 0.5, FACE_MALE = 0.5 }
+
+[standard]
+[standard.visible_watermark]
+text = "AI-generated"
+"""
+
+
+def astronaut_clip(profile: str, frames: int = 9) -> GeneratedClip:
+    """An innocuous real photo of a person (scikit-image's), slowly panned: what a model might return."""
+    photo = np.asarray(Image.fromarray(data.astronaut()).resize((420, 420)))
+    video = np.stack([photo[20 : 20 + 256, 2 * t : 2 * t + 384] for t in range(frames)])
+    spec = ClipSpec(
+        clip_id=f"astronaut-{profile}",
+        row=0,
+        sku="ASTRO-1",
+        model="t2v-a14b-tiny",
+        family="t2v-a14b",
+        variant="tiny",
+        prompt="an astronaut portrait",
+        negative_prompt="",
+        width=384,
+        height=256,
+        num_frames=frames,
+        fps=16,
+        steps=40,
+        guidance_scale=4.0,
+        guidance_scale_2=3.0,
+        seed=1,
+        image_uri=None,
+        image_sha256=None,
+        prompt_sha256="0" * 64,
+        profile=profile,
+    )
+    return GeneratedClip(spec, video, 16, 1.5, {"high_noise": 2, "low_noise": 2}, "test-worker")
+
+
+@pytest.fixture(scope="module")
+def postproduction(settings, tmp_path_factory):
+    path = tmp_path_factory.mktemp("profiles") / "profiles.toml"
+    path.write_text(PROFILES)
+    return prepare_postproduction(settings.model_copy(update={"postprocess_profiles_path": path}))
+
+
+@pytest.fixture(scope="module")
+def reader(s3_server, settings, store) -> ObjectStore:
+    apply_reader_access(store.client, store.bucket, READER_UID)
+    config = settings.reader_store()
+    s3_server.ensure_user(READER_UID, config.access_key, config.secret_key.get_secret_value(), "reader")
+    return ObjectStore(config)
+
+
+def test_the_frame_gate_quarantines_where_readers_cannot_look(postproduction, store, reader):
+    entry = finish_clip(astronaut_clip("strict"), postproduction.finishing, "run-q")
+    assert entry.status == ClipStatus.QUARANTINED and entry.stage == "content_filter", entry
+    assert "FACE_FEMALE scored" in entry.reason and entry.filter_scores["FACE_FEMALE"] >= 0.5
+    assert (
+        entry.clip_key is None
+        and entry.quarantine_key == QUARANTINE_PREFIX + "clips/ASTRO-1/astronaut-strict.mp4"
+    )
+    # Nothing published; the writer (reviewers) can see the clip, a normal reader cannot.
+    assert not store.exists("clips/ASTRO-1/astronaut-strict.mp4")
+    assert store.exists(entry.quarantine_key)
+    with pytest.raises(S3Error) as refused:
+        reader.get_bytes(entry.quarantine_key)
+    assert refused.value.code == "AccessDenied"
+    with pytest.raises(S3Error):
+        list(reader.list_keys(QUARANTINE_PREFIX))
+    # The filter ran first and stopped the chain: no watermark, no signature for a blocked clip.
+    assert [report["stage"] for report in entry.postprocess] == ["content_filter"]
+
+
+def test_the_same_frames_pass_the_standard_profile_and_verify(
+    postproduction, store, reader, settings, tmp_path
+):
+    entry = finish_clip(astronaut_clip("standard"), postproduction.finishing, "run-p")
+    assert entry.status == ClipStatus.PUBLISHED, entry
+    assert entry.filter_scores["FACE_FEMALE"] >= 0.5  # seen and scored, but not blocked by default
+    assert (entry.delivered_width, entry.delivered_height, entry.delivered_fps, entry.delivered_frames) == (
+        384,
+        256,
+        24,
+        13,
+    )
+    path = tmp_path / "published.mp4"
+    path.write_bytes(reader.get_bytes(entry.clip_key))  # readers get published clips
+    report = verify_clip(path, trust_anchor(settings))
+    assert report.ok and report.watermark.payload_hex == entry.watermark_payload, report.describe()
+    # A modified file no longer validates.
+    tampered = tmp_path / "tampered.mp4"
+    data_bytes = bytearray(path.read_bytes())
+    data_bytes[len(data_bytes) // 2] ^= 0xFF
+    tampered.write_bytes(bytes(data_bytes))
+    assert not verify_clip(tampered, trust_anchor(settings)).ok
+
+
+def test_a_profile_whose_logo_is_missing_stops_the_run_at_its_start(settings, tmp_path):
+    path = tmp_path / "profiles.toml"
+    path.write_text('[web.visible_watermark]\nlogo_uri = "s3://wanfactory-test/brand/missing.png"\n')
+    with pytest.raises(
+        ProfileError, match=r"profile 'web': cannot read logo 's3://wanfactory-test/brand/missing.png'"
+    ):
+        prepare_postproduction(
+            settings.model_copy(update={"postprocess_profiles_path": path, "postprocess_profile": "web"})
+        )
+
+
+def test_settings_name_an_unknown_default_profile(settings):
+    with pytest.raises(ProfileError, match=r"WANFACTORY_POSTPROCESS_PROFILE='cinema' is not one of"):
+        prepare_postproduction(Settings(postprocess_profile="cinema"))
