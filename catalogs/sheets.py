@@ -171,6 +171,9 @@ class SheetProblem:
     row: int | None  # as the spreadsheet shows it: the header is row 1
     column: str  # the header as written in the sheet
     message: str
+    # The row's experiment and variant cells as written, so its failure is listed with its experiment.
+    experiment_id: str | None = None
+    variant_id: str | None = None
 
     def __str__(self) -> str:
         where = f"row {self.row}, " if self.row is not None else ""
@@ -353,7 +356,13 @@ def read_prompt_sheet(
         if isinstance(parsed, SheetVariant):
             variants.append(parsed)
         else:
-            problems.extend(parsed)
+            experiment, variant = (
+                values.get("experiment_id", "").strip(),
+                values.get("variant_id", "").strip(),
+            )
+            problems.extend(
+                replace(p, experiment_id=experiment or None, variant_id=variant or None) for p in parsed
+            )
     return SheetReadResult(variants, problems, warnings, prompt_sheet_table(variants))
 
 

@@ -30,7 +30,7 @@ def ab_run_name(experiments: list[str]) -> str:
     return "ab-" + ("+".join(experiments) if experiments else "empty-sheet")
 
 
-@flow(name="ab-batch", flow_run_name="ab-{sheet_uri}", log_prints=True)
+@flow(name="ab-batch", log_prints=True)
 def ab_batch(sheet_uri: str, force: bool = False) -> RunResult:
     """Make, post-process and publish every sample of every valid variant in the prompt sheet.
 

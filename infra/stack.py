@@ -153,8 +153,8 @@ def stack_up(settings: Settings) -> StackStatus:
 
 def stack_down(settings: Settings) -> None:
     """Stop ``wanfactory serve``, the Prefect server and the object store (data stays under ``state_dir``)."""
-    # Serve first, while the server still answers: stopping, it pauses its schedules there, so no
-    # runs pile up while nothing serves them (the next `stack up` resumes them).
+    # Serve first, while the server still answers: stopping, Prefect's runner pauses the deployments
+    # there (best effort), so no runs pile up while nothing serves them; the next `stack up` resumes them.
     serve_pid = _serve_pid(settings)
     if serve_pid is not None:
         # The whole process group: the flow runs it started go with it.

@@ -13,7 +13,7 @@ from dataclasses import asdict, dataclass
 
 from catalogs.prompts import product_prompt
 from catalogs.schema import CatalogRow, RowProblem, ValidatedCatalog
-from catalogs.sheets import SheetReadResult, expand_variants
+from catalogs.sheets import SheetProblem, SheetReadResult, expand_variants
 from tasks.postprod.content_filter import PromptPolicy
 from tasks.postprod.profile import PostprocessProfile
 from tasks.records import ClipSpec, ClipStatus, ManifestEntry
@@ -252,9 +252,9 @@ def plan_sheet(
 
     Rows are the spreadsheet's own row numbers, so the manifest points a marketer at the row to fix.
     """
-    by_row: dict[int, list[str]] = {}
+    by_row: dict[int, list[SheetProblem]] = {}
     for problem in sheet.problems:
-        by_row.setdefault(problem.row or 0, []).append(str(problem))
+        by_row.setdefault(problem.row or 0, []).append(problem)
     rejected = [
         ManifestEntry(
             run_id=run_id,
@@ -262,9 +262,11 @@ def plan_sheet(
             sku=None,
             status=ClipStatus.FAILED,
             stage="validate",
-            reason="; ".join(reasons),
+            reason="; ".join(str(p) for p in problems),
+            experiment_id=problems[0].experiment_id,
+            variant_id=problems[0].variant_id,
         )
-        for row, reasons in by_row.items()
+        for row, problems in by_row.items()
     ]
     triage = _Triage(rules, run_id, published_keys)
     for clip in expand_variants(sheet.variants):

@@ -81,7 +81,7 @@ def test_good_rows_publish_grouped_by_experiment_and_variant(ab_run, store):
 def test_bad_rows_name_the_spreadsheet_row_and_column(ab_run):
     by_variant = {e.variant_id or e.reason: e for e in ab_run.entries if e.status != ClipStatus.PUBLISHED}
     (typo,) = [e for e in ab_run.entries if e.status == ClipStatus.FAILED]
-    assert typo.row == 4 and typo.stage == "validate"
+    assert typo.row == 4 and typo.stage == "validate" and typo.variant_id == "C-typo"
     assert typo.reason.startswith("row 4, column 'Model': 'wan-9'"), typo.reason
     blocked = by_variant["D-blocked"]
     assert blocked.status == ClipStatus.QUARANTINED and blocked.stage == "prompt_policy" and blocked.row == 5
@@ -92,7 +92,7 @@ def test_each_experiment_gets_its_sheet_manifest_and_contact_sheet(ab_run, store
     sheet = pq.read_table(io.BytesIO(store.get_bytes(f"{prefix}/sheet.parquet")))
     assert sorted(sheet.column("variant_id").to_pylist()) == ["A-studio", "B-morning", "D-blocked"]
     manifest = json.loads(store.get_bytes(f"{prefix}/manifest.json"))
-    assert manifest["counts"] == {"published": 4, "quarantined": 1}
+    assert manifest["counts"] == {"failed": 1, "published": 4, "quarantined": 1}  # the bad row is listed too
     assert manifest["source"] == store.uri("sheets/mug-launch.xlsx")
     with Image.open(io.BytesIO(store.get_bytes(f"{prefix}/contact-sheet.jpg"))) as contact:
         assert contact.format == "JPEG" and contact.width >= 4 * 100 and contact.height > 300

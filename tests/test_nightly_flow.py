@@ -240,3 +240,23 @@ def test_a_model_that_cannot_load_fails_its_clips_with_the_reason(sample_run, st
         assert entry.status == ClipStatus.FAILED and entry.stage == "load", entry
         assert "no diffusers pipeline (model_index.json) under s3://" in entry.reason
     assert json.loads(store.get_bytes(result.manifest.json_key))["counts"] == {"failed": len(SAMPLE_PRODUCTS)}
+
+
+def test_wanfactory_verify_reads_a_published_clip_and_refuses_a_modified_one(sample_run, store, tmp_path):
+    from typer.testing import CliRunner
+
+    from flows.cli import app
+
+    entry = sample_run.entries[0]
+    runner = CliRunner()
+    published = runner.invoke(app, ["verify", store.uri(entry.clip_key), "--json"])
+    assert published.exit_code == 0, published.output
+    report = json.loads(published.output)
+    assert report["ok"] and report["watermark"]["payload_hex"] == entry.watermark_payload
+    assert report["provenance"]["validation_state"] == "Trusted", report["provenance"]
+    tampered = tmp_path / "tampered.mp4"
+    data = bytearray(store.get_bytes(entry.clip_key))
+    data[len(data) // 2] ^= 0x01
+    tampered.write_bytes(bytes(data))
+    modified = runner.invoke(app, ["verify", str(tampered)])
+    assert modified.exit_code == 1 and "NOT VERIFIED" in modified.output, modified.output
