@@ -202,7 +202,6 @@ class _Member:
     family: str
     handle: ray.actor.ActorHandle
     worker: str
-    in_flight: int = 0  # clips sent to it and not answered yet
     # A call that answers once Ray has restarted the actor and its model is loaded again.
     restart: ray.ObjectRef | None = None
     restart_since: float = 0.0
@@ -272,6 +271,7 @@ class GenerationFleet:
         for spec in unknown:
             yield failed_entry(spec, self.run_id, "generate", f"no actor holds {spec.model}")
         lost: dict[str, list[str]] = {}  # clip id -> why each of its lost attempts was lost
+        in_flight = {id(member): 0 for member in self._members}  # clips sent and not answered yet
         generating: dict[ray.ObjectRef, tuple[ClipSpec, _Member, ray.ObjectRef]] = {}
         finishing: dict[ray.ObjectRef, ClipSpec] = {}
         while generating or finishing or any(queues.values()):
@@ -284,14 +284,14 @@ class GenerationFleet:
                 while (
                     queue
                     and member.serving
-                    and member.in_flight < CLIPS_IN_FLIGHT_PER_ACTOR
+                    and in_flight[id(member)] < CLIPS_IN_FLIGHT_PER_ACTOR
                     # Back-pressure: while encoders lag, let the actors drain instead of piling up frames.
                     and len(finishing) < finishing_limit
                 ):
                     spec = queue.popleft()
                     done, frames = member.handle.generate.remote(spec)
                     generating[done] = (spec, member, frames)
-                    member.in_flight += 1
+                    in_flight[id(member)] += 1
             restarts = {m.restart: m for m in self._members if m.restart is not None}
             if not (generating or finishing or restarts):
                 continue  # every queued clip was just failed as an orphan
@@ -306,7 +306,8 @@ class GenerationFleet:
                     self._restarted(restarts[ref])
                 elif ref in generating:
                     spec, member, frames = generating.pop(ref)
-                    member.in_flight -= 1
+                    # Answered, by its frames or by the actor's death: its place is free again either way.
+                    in_flight[id(member)] -= 1
                     try:
                         ray.get(ref)  # the worker's name, small: the frames stay where they are
                     except GENERATION_LOST as err:
