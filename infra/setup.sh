@@ -11,6 +11,7 @@ command -v ffmpeg >/dev/null || missing="$missing ffmpeg"
 command -v radosgw >/dev/null || missing="$missing radosgw"
 command -v ceph-mon >/dev/null || missing="$missing ceph-mon"
 command -v ceph-osd >/dev/null || missing="$missing ceph-osd"
+command -v chromium >/dev/null || missing="$missing chromium"
 # Fonts for the visible watermark's label and the contact sheets.
 [ -f /usr/share/fonts/truetype/dejavu/DejaVuSans.ttf ] || missing="$missing fonts-dejavu-core"
 # opencv-python (pulled by invisible-watermark) loads libGL and glib at import.

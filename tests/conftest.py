@@ -79,6 +79,8 @@ def tiny_models(settings, store) -> list[str]:
 def prefect_server() -> Iterator[None]:
     from prefect.testing.utilities import prefect_test_harness
 
+    # Its telemetry write races the tests' own database writes ("database is locked" noise).
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     with prefect_test_harness(server_startup_timeout=120):
         yield
 
