@@ -92,6 +92,23 @@ def _digest(uri: str, store: ObjectStore) -> tuple[str, str | None]:
         return uri, None
 
 
+def _image_digests(uris: set[str | None], store: ObjectStore) -> dict[str, str | None]:
+    """The SHA-256 of every referenced image (None where it cannot be read), read a few at a time."""
+    with ThreadPoolExecutor(_DIGEST_THREADS) as pool:
+        return dict(pool.map(lambda uri: _digest(uri, store), sorted(u for u in uris if u)))
+
+
+def _log_plan(plan: Plan) -> Plan:
+    get_run_logger().info(
+        "plan to_generate=%d skipped=%d rejected=%d refused_by_prompt_policy=%d",
+        len(plan.clips),
+        len(plan.skipped),
+        len(plan.rejected),
+        len(plan.refused),
+    )
+    return plan
+
+
 # A sheet is read fresh every run (it may have been re-uploaded under the same name).
 @task(retries=2, retry_delay_seconds=5, retry_condition_fn=_transient, cache_policy=NO_CACHE)
 def load_sheet_task(sheet_uri: str, settings: Settings, postproduction: Postproduction) -> SheetReadResult:
@@ -118,19 +135,9 @@ def plan_sheet_task(
     force: bool = False,
 ) -> Plan:
     store = ObjectStore(settings.object_store())
-    uris = sorted({v.image_uri for v in sheet.variants if v.image_uri})
-    with ThreadPoolExecutor(_DIGEST_THREADS) as pool:
-        digests = dict(pool.map(lambda uri: _digest(uri, store), uris))
+    digests = _image_digests({v.image_uri for v in sheet.variants}, store)
     published = set() if force else set(store.list_keys("experiments/"))
-    plan = plan_sheet(sheet, _rules(settings, postproduction), run_id, digests, published)
-    get_run_logger().info(
-        "plan to_generate=%d skipped=%d rejected=%d refused_by_prompt_policy=%d",
-        len(plan.clips),
-        len(plan.skipped),
-        len(plan.rejected),
-        len(plan.refused),
-    )
-    return plan
+    return _log_plan(plan_sheet(sheet, _rules(settings, postproduction), run_id, digests, published))
 
 
 @task(retries=3, retry_delay_seconds=5, cache_policy=NO_CACHE)
@@ -193,21 +200,11 @@ def plan_task(
     force_skus: Sequence[str] = (),
 ) -> Plan:
     store = ObjectStore(settings.object_store())
-    uris = sorted({row.image_uri for row in catalog.rows if row.image_uri})
-    with ThreadPoolExecutor(_DIGEST_THREADS) as pool:
-        digests = dict(pool.map(lambda uri: _digest(uri, store), uris))
+    digests = _image_digests({row.image_uri for row in catalog.rows}, store)
     published = set() if force else set(store.list_keys("clips/"))
     # clips/<sku>/<clip_id>.mp4: forcing a product forgets that its clips are published.
     published = {key for key in published if key.split("/")[1] not in set(force_skus)}
-    plan = plan_clips(catalog, _rules(settings, postproduction), run_id, digests, published)
-    get_run_logger().info(
-        "plan to_generate=%d skipped=%d rejected=%d refused_by_prompt_policy=%d",
-        len(plan.clips),
-        len(plan.skipped),
-        len(plan.rejected),
-        len(plan.refused),
-    )
-    return plan
+    return _log_plan(plan_clips(catalog, _rules(settings, postproduction), run_id, digests, published))
 
 
 # Loading models takes minutes at real size: its own task, so the UI shows where the time goes.
