@@ -56,6 +56,7 @@ def deliver_size(
     if target == (width, height):
         return frames, report
     with cpu_timer(report):
+        # Scaling is per frame: the rate given to the raw input changes nothing here.
         stream = raw_input(width, height, 24).filter("scale", target[0], target[1], flags="lanczos")
         scaled = filter_frames(raw_output(stream), frames, threads, size=target)
     report.applied = True
