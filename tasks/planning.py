@@ -9,7 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Collection, Mapping
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 from catalogs.prompts import product_prompt
 from catalogs.schema import CatalogRow, RowProblem, ValidatedCatalog
@@ -34,6 +34,8 @@ class PlanningRules:
     default_profile: str
     prompt_policy: PromptPolicy
     default_locale: str = "en"
+    # family -> digest of the weights it loads (wan_engine.model_version): new weights, new clip ids.
+    model_versions: Mapping[str, str | None] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -115,6 +117,7 @@ def plan_inputs(
     determinants = {
         **inputs.identity,
         "model": spec.name,
+        "model_version": rules.model_versions.get(spec.family),
         "flow_shift": spec.flow_shift,
         "fps": spec.fps,
         "image_sha256": image_sha256,

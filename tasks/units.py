@@ -37,6 +37,7 @@ from tasks.postprod.profile import ProfileError
 from tasks.postproduction import Postproduction, prepare_postproduction
 from tasks.publish import FinishingContext
 from tasks.records import ClipSpec, ClipStatus, ManifestEntry
+from wan_engine import MODEL_FAMILIES, get_model_spec, model_location, model_version
 
 # Reading images for their digests is I/O bound: a few threads hide the object store's latency.
 _DIGEST_THREADS = 8
@@ -137,7 +138,7 @@ def plan_sheet_task(
     store = ObjectStore(settings.object_store())
     digests = _image_digests({v.image_uri for v in sheet.variants}, store)
     published = set() if force else set(store.list_keys("experiments/"))
-    return _log_plan(plan_sheet(sheet, _rules(settings, postproduction), run_id, digests, published))
+    return _log_plan(plan_sheet(sheet, _rules(settings, postproduction, store), run_id, digests, published))
 
 
 @task(retries=3, retry_delay_seconds=5, cache_policy=NO_CACHE)
@@ -165,7 +166,13 @@ def _artifact_key(name: str) -> str:
     return re.sub(r"[^a-z0-9-]+", "-", name.lower()).strip("-") or "experiment"
 
 
-def _rules(settings: Settings, postproduction: Postproduction) -> PlanningRules:
+def _rules(settings: Settings, postproduction: Postproduction, store: ObjectStore) -> PlanningRules:
+    versions = {
+        family: model_version(
+            model_location(settings.model_root, get_model_spec(family, settings.model_variant)), store.client
+        )
+        for family in MODEL_FAMILIES
+    }
     return PlanningRules(
         variant=settings.model_variant,
         default_text_model=settings.default_text_model,
@@ -174,6 +181,7 @@ def _rules(settings: Settings, postproduction: Postproduction) -> PlanningRules:
         default_profile=postproduction.default_profile,
         prompt_policy=postproduction.prompt_policy,
         default_locale=settings.content_locale,
+        model_versions=versions,
     )
 
 
@@ -204,7 +212,7 @@ def plan_task(
     published = set() if force else set(store.list_keys("clips/"))
     # clips/<sku>/<clip_id>.mp4: forcing a product forgets that its clips are published.
     published = {key for key in published if key.split("/")[1] not in set(force_skus)}
-    return _log_plan(plan_clips(catalog, _rules(settings, postproduction), run_id, digests, published))
+    return _log_plan(plan_clips(catalog, _rules(settings, postproduction, store), run_id, digests, published))
 
 
 # Loading models takes minutes at real size: its own task, so the UI shows where the time goes.

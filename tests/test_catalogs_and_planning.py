@@ -145,6 +145,10 @@ def test_clip_ids_are_deterministic_and_follow_every_input():
         validate_catalog(base), replace(RULES, profiles={**PROFILES, "standard": louder}), "r", {}, set()
     )
     assert edited.clips[0].clip_id != plan.clips[0].clip_id
+    new_weights = plan_clips(
+        validate_catalog(base), replace(RULES, model_versions={"t2v-a14b": "new-weights"}), "r", {}, set()
+    )
+    assert new_weights.clips[0].clip_id != plan.clips[0].clip_id
     new_logo = {**PROFILES, "standard": PROFILES["standard"].with_logo_digest(b"another logo")}
     relogo = plan_clips(validate_catalog(base), replace(RULES, profiles=new_logo), "r", {}, set())
     assert relogo.clips[0].clip_id != plan.clips[0].clip_id

@@ -21,7 +21,7 @@ from wan_engine.requests import (
     resolve_request,
 )
 from wan_engine.specs import MODEL_FAMILIES, ModelSpec, UnknownModelError, get_model_spec
-from wan_engine.weights import materialize, model_location, split_s3_uri
+from wan_engine.weights import materialize, model_location, model_version, split_s3_uri
 
 __all__ = [
     "MODEL_FAMILIES",
@@ -37,6 +37,7 @@ __all__ = [
     "get_model_spec",
     "materialize",
     "model_location",
+    "model_version",
     "pick_device",
     "request_problems",
     "resolve_request",

@@ -10,6 +10,7 @@ downloading the same weights at once.
 from __future__ import annotations
 
 import fcntl
+import hashlib
 import json
 import logging
 from pathlib import Path, PurePosixPath
@@ -38,6 +39,35 @@ def split_s3_uri(uri: str) -> tuple[str, str]:
 def model_location(model_root: str, spec: ModelSpec) -> str:
     """The folder or S3 prefix of ``spec``'s weights under ``model_root``."""
     return f"{model_root.rstrip('/')}/{spec.folder}"
+
+
+def model_version(location: str, client: Minio | None = None) -> str | None:
+    """A short digest that changes whenever the weights at ``location`` change; None if there are none.
+
+    For an S3 prefix, every object's key and ETag (one listing, no download); for a folder, every
+    file's path and size plus the contents of its JSON configs. Planning puts it in every clip id,
+    so new weights under the same name regenerate the clips they make.
+    """
+    if location.startswith("s3://"):
+        if client is None:
+            raise ValueError(f"{location} is in an object store, but no S3 client was given")
+        bucket, prefix = split_s3_uri(location)
+        parts = sorted(
+            f"{obj.object_name.removeprefix(prefix)}:{obj.etag}"
+            for obj in client.list_objects(bucket, prefix=f"{prefix}/", recursive=True)
+        )
+    else:
+        folder = Path(location).expanduser()
+        files = sorted(p for p in folder.rglob("*") if p.is_file()) if folder.is_dir() else []
+        parts = [
+            f"{p.relative_to(folder)}:{p.stat().st_size}"
+            + (f":{p.read_text()}" if p.suffix == ".json" else "")
+            for p in files
+            if p.name != _COMPLETE
+        ]
+    if not parts:
+        return None
+    return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:16]
 
 
 def materialize(location: str, cache_dir: Path, client: Minio | None = None) -> Path:
