@@ -181,6 +181,23 @@ def stack_status(settings: Settings) -> StackStatus:
     )
 
 
+def _launch_detached(argv: list[str], log_path: Path, pid_file: Path, env: dict[str, str], cwd: Path) -> int:
+    """Start ``argv`` detached (see _DETACH) with its output in ``log_path``; record and return its pid."""
+    launched = subprocess.run(
+        [sys.executable, "-c", _DETACH, str(log_path), *argv],
+        check=True,
+        env=env,
+        cwd=cwd,
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    pid = int(launched.stdout)
+    pid_file.write_text(f"{pid}\n")
+    return pid
+
+
 # -- Prefect server ------------------------------------------------------------------------------------------
 
 
@@ -232,18 +249,8 @@ def _start_prefect(settings: Settings) -> int | None:
     home.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, "PREFECT_HOME": str(home), "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
     argv = [sys.executable, *_PREFECT_ARGS, "--host", "127.0.0.1", "--port", str(settings.prefect_port)]
-    launched = subprocess.run(
-        [sys.executable, "-c", _DETACH, str(_prefect_log(settings)), *argv],
-        check=True,
-        env=env,
-        cwd=home,  # not the caller's directory: Prefect would read a prefect.toml or .env found there
-        stdin=subprocess.DEVNULL,
-        capture_output=True,
-        text=True,
-        timeout=30,
-    )
-    pid = int(launched.stdout)
-    _prefect_pid_file(settings).write_text(f"{pid}\n")
+    # Not the caller's directory: Prefect would read a prefect.toml or .env found there.
+    pid = _launch_detached(argv, _prefect_log(settings), _prefect_pid_file(settings), env, cwd=home)
     log.info("prefect server launched pid=%d url=%s home=%s", pid, _prefect_url(settings), home)
     return pid
 
@@ -298,21 +305,11 @@ def _start_serve(settings: Settings) -> tuple[int, datetime] | None:
         "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
         "PYTHONPATH": python_path,
     }
-    argv = [sys.executable, *_SERVE_ARGS]
     launched_at = datetime.now(UTC)
-    launched = subprocess.run(
-        [sys.executable, "-c", _DETACH, str(_serve_log(settings)), *argv],
-        check=True,
-        env=env,
-        # The caller's directory, as for any wanfactory command: the settings' .env file is read there.
-        cwd=Path.cwd(),
-        stdin=subprocess.DEVNULL,
-        capture_output=True,
-        text=True,
-        timeout=30,
+    # The caller's directory, as for any wanfactory command: the settings' .env file is read there.
+    pid = _launch_detached(
+        [sys.executable, *_SERVE_ARGS], _serve_log(settings), _serve_pid_file(settings), env, cwd=Path.cwd()
     )
-    pid = int(launched.stdout)
-    _serve_pid_file(settings).write_text(f"{pid}\n")
     log.info(
         "wanfactory serve launched pid=%d api=%s log=%s", pid, env["PREFECT_API_URL"], _serve_log(settings)
     )
