@@ -31,6 +31,8 @@ CATALOG_SCHEMA = pa.schema(
         pa.field("model", pa.string()),
         pa.field("seed", pa.int64()),
         pa.field("size", pa.string()),
+        pa.field("num_frames", pa.int32()),
+        pa.field("steps", pa.int32()),
         pa.field("postprocess_profile", pa.string()),
         pa.field("locale", pa.string()),
     ],
@@ -40,6 +42,8 @@ CATALOG_SCHEMA = pa.schema(
         "model": "optional: t2v-a14b, i2v-a14b or ti2v-5b (default by whether there is an image)",
         "seed": "optional: fixed seed (default: derived from the SKU)",
         "size": "optional: WIDTHxHEIGHT (default: the model's default size)",
+        "num_frames": "optional: frames to generate, 4k+1 up to the model's maximum (default: the model's)",
+        "steps": "optional: denoising steps (default: the model's official count); fewer: faster, rougher",
         "postprocess_profile": "optional: a post-production profile name (default: the run's)",
         "locale": "optional: the prompt's language for the prompt policy, e.g. en or de-AT",
     },
@@ -64,6 +68,8 @@ class CatalogRow(BaseModel):
     model: str | None = None
     seed: int | None = Field(default=None, ge=0, lt=2**63)
     size: tuple[int, int] | None = None
+    num_frames: int | None = Field(default=None, ge=1)  # the model's rules (4k+1, its maximum) at planning
+    steps: int | None = Field(default=None, ge=1, le=1000)
     postprocess_profile: str | None = None
     locale: str | None = None
 

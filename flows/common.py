@@ -21,11 +21,20 @@ from tasks.units import RunProgress, render_batch_task, start_fleet_task
 
 
 @dataclass(frozen=True)
+class Rendering:
+    """What rendering a plan produced: an entry per clip, and what each generator actor cost to start."""
+
+    entries: list[ManifestEntry]
+    load_seconds: dict[str, float]  # worker -> seconds to load and warm up its model
+
+
+@dataclass(frozen=True)
 class RunResult:
     run_id: str
     flow_run_id: str
     manifest: ManifestLocation
     entries: list[ManifestEntry]
+    load_seconds: dict[str, float]  # worker -> seconds to load and warm up its model
 
 
 def new_run_id() -> str:
@@ -52,13 +61,14 @@ def render_clips(
     finishing: FinishingContext,
     progress: RunProgress,
     logger: logging.Logger | logging.LoggerAdapter,
-) -> list[ManifestEntry]:
+) -> Rendering:
     """Generate, post-process and publish ``clips``; one manifest entry per clip, whatever happens."""
+    rendering = Rendering([], {})
     if not clips:
-        return []
+        return rendering
     connect_ray(settings)
     gpus = int(ray.cluster_resources().get("GPU", 0))
-    entries: list[ManifestEntry] = []
+    entries = rendering.entries
     clip_counts = Counter(clip.family for clip in clips)
     for shape in plan_fleets(clip_counts, gpus, settings.cpu_actors_per_model, settings.actor_num_cpus):
         batch_clips = [clip for clip in clips if clip.family in shape.actors]
@@ -69,6 +79,7 @@ def render_clips(
             entries += [failed_entry(clip, run_id, "load", str(err)) for clip in batch_clips]
             progress.advance(len(batch_clips))
             continue
+        rendering.load_seconds.update(fleet.load_seconds)
         try:
             for start in range(0, len(batch_clips), settings.clips_per_task):
                 entries += render_batch_task(
@@ -76,4 +87,4 @@ def render_clips(
                 )
         finally:
             fleet.shutdown()
-    return entries
+    return rendering

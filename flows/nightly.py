@@ -58,9 +58,10 @@ def nightly_catalog(
     entries: list[ManifestEntry] = [*plan.rejected, *plan.refused, *plan.skipped]
 
     progress = RunProgress(len(plan.clips), f"run {run_id}")
-    entries += render_clips(plan.clips, settings, run_id, postproduction.finishing, progress, logger)
+    rendering = render_clips(plan.clips, settings, run_id, postproduction.finishing, progress, logger)
+    entries += rendering.entries
     progress.close()
     manifest = write_manifest_task(run_id, catalog_uri, entries, settings)
     report_task(run_id, entries, manifest, settings)
     logger.info("run %s done counts=%s manifest=%s", run_id, manifest.counts, manifest.parquet_key)
-    return RunResult(run_id, str(flow_run.get_id()), manifest, entries)
+    return RunResult(run_id, str(flow_run.get_id()), manifest, entries, rendering.load_seconds)

@@ -17,10 +17,12 @@ import hashlib
 import io
 import logging
 import os
+import threading
 import time
 from collections import deque
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, replace
+from datetime import UTC, datetime
 from pathlib import Path
 
 import ray
@@ -37,8 +39,10 @@ from wan_engine import EngineOptions, WanGenerator, get_model_spec, model_locati
 
 log = logging.getLogger(__name__)
 
-# Clips queued per actor: one generating and one waiting, so an actor never idles on the driver.
+# Clips queued per actor: one rendering and one being prepared, so an actor never idles on the driver.
 CLIPS_IN_FLIGHT_PER_ACTOR = 2
+# Calls an actor runs at once: one rendering on the GPU, one preparing or handing frames back.
+ACTOR_CONCURRENCY = 2
 # Generated clips allowed to wait for encoding, per actor: bounds the frames held in memory.
 FINISHING_PER_ACTOR = 2
 # Times a clip is generated again after its attempt was lost with its actor: enough for a one-off
@@ -74,7 +78,13 @@ def connect_ray(settings: Settings) -> None:
 
 
 class GeneratorActor:
-    """One loaded Wan2.2 generator serving clips; created with ``num_gpus=1`` on GPU clusters."""
+    """One loaded Wan2.2 generator serving clips; created with ``num_gpus=1`` on GPU clusters.
+
+    A threaded actor (``max_concurrency=ACTOR_CONCURRENCY``) so the GPU never waits between clips:
+    while one clip holds the GPU, the next one's image is fetched and its prompts are encoded (on a
+    stream of their own), and the previous one's frames are handed to Ray. Only one clip renders at
+    a time: the lock keeps a second denoising loop from competing for the GPU's memory and compute.
+    """
 
     def __init__(
         self,
@@ -86,6 +96,7 @@ class GeneratorActor:
         store_config: ObjectStoreConfig,
         options: EngineOptions,
     ) -> None:
+        started = time.perf_counter()
         # Loading bars from many actors interleave into noise in the driver's log.
         diffusers_logging.disable_progress_bar()
         transformers_logging.disable_progress_bar()
@@ -99,12 +110,19 @@ class GeneratorActor:
             client=self.store.client,
             options=options,
         )
+        self.render_lock = threading.Lock()
         gpus = ray.get_gpu_ids()
         node = ray.get_runtime_context().get_node_id()[:8]
         self.worker = f"{node}/{'gpu' + ','.join(map(str, gpus)) if gpus else 'cpu'}/pid{os.getpid()}"
+        # Weights to GPU and warm-up (compilation) included: what a (re)start costs before the first clip.
+        self.load_seconds = time.perf_counter() - started
 
     def name(self) -> str:
         return self.worker
+
+    def loaded(self) -> tuple[str, float]:
+        """The worker's name and the seconds its model took to load and warm up."""
+        return self.worker, self.load_seconds
 
     @ray.method(num_returns=2)
     def generate(self, spec: ClipSpec) -> tuple[str, GeneratedClip]:
@@ -116,7 +134,11 @@ class GeneratorActor:
         """
         try:
             image = self._image(spec) if spec.image_uri else None
-            video = self.generator.generate(spec.request(image))
+            request = spec.request(image)
+            prepared = self.generator.prepare(request) if self.generator.prepares_concurrently else None
+            with self.render_lock:
+                started_at = datetime.now(UTC)
+                video = self.generator.render(prepared or self.generator.prepare(request))
         except Exception as err:
             log.warning("generation failed clip_id=%s error=%s", spec.clip_id, err)
             return self.worker, GeneratedClip(
@@ -137,6 +159,7 @@ class GeneratorActor:
             video.expert_calls,
             self.worker,
             engine_mode=self.generator.options.mode,
+            started_at=started_at,
         )
 
     def _image(self, spec: ClipSpec) -> Image.Image:
@@ -228,6 +251,7 @@ class GenerationFleet:
             # Ray restarts a dead actor's process, which loads the model again in __init__; an
             # exception raised by __init__ (a broken model) is not retried.
             max_restarts=ACTOR_MAX_RESTARTS,
+            max_concurrency=ACTOR_CONCURRENCY,
             # Actors of a model on different nodes when there are several: losing a node then
             # costs a share of each model, and every node's GPUs and store serve clips.
             scheduling_strategy="SPREAD",
@@ -249,20 +273,25 @@ class GenerationFleet:
         }
         # Wait for every model to load, so a broken model is one clear error and not one per clip.
         try:
-            self.workers = ray.get(
-                [actor.name.remote() for actors in self.actors.values() for actor in actors]
-            )
+            loaded = ray.get([actor.loaded.remote() for actors in self.actors.values() for actor in actors])
         except ray.exceptions.RayError as err:
             self.shutdown()
             raise FleetStartError(
                 f"generator actors for {', '.join(shape.actors)} failed to load: {err}"
             ) from err
+        self.workers = [worker for worker, _ in loaded]
+        # Seconds each actor took to load and warm up its model, by worker (restarts not included).
+        self.load_seconds = dict(loaded)
         handles = [(family, actor) for family, actors in self.actors.items() for actor in actors]
         self._members = [
             _Member(family, actor, worker)
             for (family, actor), worker in zip(handles, self.workers, strict=True)
         ]
-        log.info("fleet ready actors=%s", ",".join(self.workers))
+        log.info(
+            "fleet ready actors=%s load_seconds=%s",
+            ",".join(self.workers),
+            ",".join(f"{seconds:.1f}" for seconds in self.load_seconds.values()),
+        )
 
     def run(self, clips: Sequence[ClipSpec]) -> Iterator[ManifestEntry]:
         """Generate, encode and publish ``clips``; yields each clip's manifest entry as it finishes."""

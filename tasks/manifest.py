@@ -36,6 +36,7 @@ MANIFEST_SCHEMA = pa.schema(
         ("clip_key", pa.string()),
         ("thumbnail_key", pa.string()),
         ("video_bytes", pa.int64()),
+        ("generate_started_at", pa.timestamp("us", tz="UTC")),  # when the clip took its GPU
         ("generate_seconds", pa.float64()),
         ("expert_calls", pa.string()),  # JSON: transformer forward passes per expert
         ("worker", pa.string()),
@@ -104,8 +105,15 @@ def write_manifest(
     }
     store.put_bytes(
         f"{prefix}/manifest.json",
-        json.dumps(document, indent=1, ensure_ascii=False).encode(),
+        json.dumps(document, indent=1, ensure_ascii=False, default=_iso_time).encode(),
         "application/json",
         metadata,
     )
     return ManifestLocation(f"{prefix}/manifest.parquet", f"{prefix}/manifest.json", counts)
+
+
+def _iso_time(value: object) -> str:
+    """Timestamps in the JSON manifest as ISO 8601, as people and tools read them."""
+    if isinstance(value, datetime):
+        return value.isoformat()
+    raise TypeError(f"{type(value).__name__} is not JSON serializable")

@@ -71,6 +71,8 @@ class ClipInputs:
     image_uri: str | None
     profile: str
     identity: dict[str, object]  # what names the clip besides its inputs (sku, or experiment/variant/sample)
+    num_frames: int | None = None  # None: the model's defaults
+    steps: int | None = None
     experiment_id: str | None = None
     variant_id: str | None = None
     sample: int | None = None
@@ -101,6 +103,8 @@ def plan_inputs(
             negative_prompt=inputs.negative_prompt,
             width=width,
             height=height,
+            num_frames=inputs.num_frames,
+            steps=inputs.steps,
         ),
     )
     problems = [
@@ -164,6 +168,8 @@ def plan_row(row: CatalogRow, rules: PlanningRules, image_sha256: str | None) ->
         image_uri=row.image_uri,
         profile=row.postprocess_profile or rules.default_profile,
         identity={"sku": row.sku},
+        num_frames=row.num_frames,
+        steps=row.steps,
     )
     planned = plan_inputs(inputs, rules, image_sha256)
     if isinstance(planned, ClipSpec):

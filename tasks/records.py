@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import asdict, dataclass, field
+from datetime import datetime
 from enum import StrEnum
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -105,6 +106,7 @@ class GeneratedClip:
     worker: str  # which actor (node and GPU) made it
     error: str | None = None
     engine_mode: str = "exact"  # or the approximations used, e.g. "approximate:step-cache-3"
+    started_at: datetime | None = None  # when the clip took its actor's GPU (UTC)
 
 
 @dataclass(frozen=True)
@@ -153,6 +155,7 @@ class ManifestEntry:
     clip_key: str | None = None
     thumbnail_key: str | None = None
     video_bytes: int | None = None
+    generate_started_at: datetime | None = None  # when the clip took its GPU: with the seconds, a timeline
     generate_seconds: float | None = None
     expert_calls: dict[str, int] = field(default_factory=dict)
     worker: str | None = None

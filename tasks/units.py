@@ -221,7 +221,10 @@ def start_fleet_task(
     shape: FleetShape, settings: Settings, run_id: str, finishing: FinishingContext
 ) -> GenerationFleet:
     fleet = GenerationFleet(shape, settings, run_id, finishing)
-    get_run_logger().info("generator actors ready: %s", ", ".join(fleet.workers))
+    get_run_logger().info(
+        "generator actors ready: %s",
+        ", ".join(f"{worker} (loaded in {seconds:.1f} s)" for worker, seconds in fleet.load_seconds.items()),
+    )
     return fleet
 
 

@@ -246,6 +246,37 @@ def test_rows_the_models_cannot_do_are_rejected_with_reasons():
     assert "needs an image" in reasons["I2V-NO-IMAGE"]
 
 
+def test_rows_choose_frames_and_steps_within_the_models_rules():
+    table = catalog_table(
+        [
+            {"sku": "DEFAULT"},
+            {"sku": "SHORT", "num_frames": 9, "steps": 4},
+            {"sku": "NOT-4K1", "num_frames": 10},
+            {"sku": "TOO-LONG", "num_frames": 81},
+            {"sku": "NO-STEPS", "steps": 0},
+        ]
+    )
+    catalog = validate_catalog(table)
+    assert [(p.sku, p.field) for p in catalog.problems] == [("NO-STEPS", "steps")]
+    plan = plan_clips(catalog, RULES, "run-1", {}, set())
+    clips = {c.sku: c for c in plan.clips}
+    assert sorted(clips) == ["DEFAULT", "SHORT"]
+    assert (clips["DEFAULT"].num_frames, clips["DEFAULT"].steps) == (17, 40)  # the tiny model's defaults
+    assert (clips["SHORT"].num_frames, clips["SHORT"].steps) == (9, 4)
+    reasons = {entry.sku: entry.reason for entry in plan.rejected}
+    assert "field 'num_frames': 10 must be 4k+1 and at most 33" in reasons["NOT-4K1"]
+    assert "field 'num_frames': 81 must be 4k+1 and at most 33" in reasons["TOO-LONG"]
+    # Frames and steps determine the clip: the same row with other counts is another clip.
+    longer = plan_clips(
+        validate_catalog(catalog_table([{"sku": "SHORT", "num_frames": 13, "steps": 4}])),
+        RULES,
+        "run-2",
+        {},
+        set(),
+    )
+    assert longer.clips[0].clip_id != clips["SHORT"].clip_id
+
+
 def test_synthetic_catalogs_are_valid_at_scale():
     table = synthetic_catalog(10_000, seed=1, image_uris=("s3://b/a.png",))
     catalog = validate_catalog(table)

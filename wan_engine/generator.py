@@ -57,6 +57,9 @@ class EngineOptions:
     # extrapolates their output in between; each expert warms up on its own first steps.
     step_cache_interval: int = 1
     fp8_matmuls: bool = False  # the experts' block linears in FP8 e4m3 with per-row scales (torchao)
+    # One clip across every GPU of the torch.distributed process group (diffusers' context
+    # parallelism, wan_engine.parallel): for latency-bound clips. Exact: it splits the work, not the math.
+    context_parallel: bool = False
 
     @property
     def mode(self) -> str:
@@ -80,6 +83,15 @@ class GeneratedVideo:
     request: GenerationRequest  # resolved: every default filled in
     expert_calls: dict[str, int]  # transformer forward passes per expert (a batched pair counts as two)
     seconds: float
+
+
+@dataclass(frozen=True)
+class PreparedClip:
+    """A checked request with its prompt embeddings, ready for the denoising loop."""
+
+    request: GenerationRequest  # resolved: every default filled in
+    positive: torch.Tensor
+    negative: torch.Tensor
 
 
 def pick_device(device: str = "auto") -> torch.device:
@@ -126,6 +138,10 @@ class WanGenerator:
                 module.set_attention_backend(self.options.attention_backend)
             if self.options.fp8_matmuls:
                 _quantize_fp8(module)
+            if self.options.context_parallel:
+                from wan_engine.parallel import enable_context_parallel
+
+                enable_context_parallel(module)
             if self.step_cached:
                 module.enable_cache(
                     TaylorSeerCacheConfig(
@@ -142,6 +158,7 @@ class WanGenerator:
         if self.pipeline.vae.dtype != vae_dtype:
             self.pipeline.vae.to(vae_dtype)
         self._negative_cache: dict[str, torch.Tensor] = {}
+        self._prepare_stream = torch.cuda.Stream(device) if device.type == "cuda" else None
         self._text_encoder_host: HostResidentModule | None = None
         if device.type == "cuda" and self._should_offload_text_encoder():
             self._text_encoder_host = HostResidentModule(self.pipeline.text_encoder, device)
@@ -225,15 +242,45 @@ class WanGenerator:
     @torch.inference_mode()
     def generate(self, request: GenerationRequest) -> GeneratedVideo:
         """Generate one clip; the same request always gives the same frames."""
+        return self.render(self.prepare(request))
+
+    @property
+    def prepares_concurrently(self) -> bool:
+        """Whether :meth:`prepare` may run while another clip renders. Not when the text encoder lives
+        in host memory: it is offloaded because the GPU has no room for it beside a running clip."""
+        return self._text_encoder_host is None
+
+    @torch.inference_mode()
+    def prepare(self, request: GenerationRequest) -> PreparedClip:
+        """Check a request and encode its prompts: the work a clip needs before its denoising loop.
+
+        On a GPU it runs on a stream of its own, so a server can prepare the next clip while the
+        current one denoises (see :attr:`prepares_concurrently`) without waiting for its kernels.
+        """
         resolved = self.validate(request)
+        stream = self._prepare_stream
+        with torch.cuda.stream(stream) if stream is not None else nullcontext():
+            positive, negative = self.encode_prompts(resolved)
+        if stream is not None:
+            stream.synchronize()
+        return PreparedClip(resolved, positive, negative)
+
+    @torch.inference_mode()
+    def render(self, prepared: PreparedClip) -> GeneratedVideo:
+        """Denoise and decode a prepared clip into frames on the host."""
         started = time.perf_counter()
         self._expert_calls.clear()
-        latents = self.denoise(resolved)
+        embeddings = prepared.positive, prepared.negative
+        if self._prepare_stream is not None:
+            # Made on the prepare stream, used on this one: the allocator must not reuse them early.
+            for tensor in embeddings:
+                tensor.record_stream(torch.cuda.current_stream(self.device))
+        latents = self.denoise(prepared.request, embeddings)
         frames = self.decode(latents)
         return GeneratedVideo(
             frames=frames,
             fps=self.spec.fps,
-            request=resolved,
+            request=prepared.request,
             expert_calls=dict(self._expert_calls),
             seconds=time.perf_counter() - started,
         )
@@ -259,9 +306,12 @@ class WanGenerator:
             self._text_encoder_host.offload()
         return positive.to(dtype), negative.to(dtype)
 
-    def denoise(self, request: GenerationRequest) -> torch.Tensor:
-        """The final latents of a resolved request (float32, before the VAE)."""
-        positive, negative = self.encode_prompts(request)
+    def denoise(
+        self, request: GenerationRequest, embeddings: tuple[torch.Tensor, torch.Tensor] | None = None
+    ) -> torch.Tensor:
+        """The final latents of a resolved request (float32, before the VAE), from its prompt
+        embeddings (positive, negative) when :meth:`prepare` made them already."""
+        positive, negative = embeddings or self.encode_prompts(request)
         pipeline, scheduler = self.pipeline, self.pipeline.scheduler
         dtype = positive.dtype
         generator = torch.Generator("cpu").manual_seed(request.seed)

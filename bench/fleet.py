@@ -1,0 +1,327 @@
+"""Fleet benchmark: the real nightly flow on 1, 2, 4... GPUs, and how busy it keeps each of them.
+
+    python bench/fleet.py --gpus 1 2 --clips-per-gpu 5 --steps 6 --out DIR
+    python bench/fleet.py --summarize bench/results/DATE   # merge runs into bench/results/fleet-latest.json
+
+Run on the GPU machine (bench/README.md has the exact commands used). It builds TI2V-5B at real
+size with random weights once (the compute of real weights) and saves it as a diffusers folder,
+then for each GPU count runs the real ``nightly-catalog`` flow (Prefect, a Ray cluster of that
+many GPUs, the generator actors, post-production, encoding, C2PA, upload, the manifest) over a
+catalog of ``clips-per-gpu x GPUs`` new products. The clips are real-size 1280x704 x 121 frames;
+only their step count is cut (``--steps``) so that a run fits the device's 10-minute commands.
+
+The real object store cannot run there: an S3 stand-in (moto's server) takes its place, in this
+process; upload throughput to the real store is measured on the CPU machine (bench/upload.py).
+
+Measured per GPU count, between the first clip's start on a GPU and the last clip's end:
+- each GPU's busy fraction: NVML's utilization (the share of time one or more kernels ran),
+  sampled every 0.1 s, averaged over that window; and, from the manifest's per-clip timeline, the
+  share of the window the GPU held a clip;
+- clips per hour over that window, and over the whole flow (model loading included);
+- each actor's model-load time (weights to the GPU plus compile and warm-up).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import platform
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+FAMILY = "ti2v-5b"
+NVML_PERIOD_S = 0.1
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def build_model(model_root: Path, variant: str) -> None:
+    """Save ``FAMILY`` with random weights under ``model_root`` (run in a child process: the driver
+    must hold no CUDA context, or GPU 0 would carry its memory through every run)."""
+    from wan_engine import get_model_spec
+
+    spec = get_model_spec(FAMILY, variant)
+    folder = model_root / spec.folder
+    if (folder / "model_index.json").exists():
+        return
+    started = time.perf_counter()
+    if variant == "tiny":
+        from wan_engine.random_weights import save_random_pipeline
+
+        save_random_pipeline(spec, model_root)
+    else:
+        # Real size: made on the GPU in bf16 (bench/engine.py), as float32 on the host it would not fit.
+        from bench.engine import build_components, pipeline_for
+
+        pipeline_for(spec, build_components(spec)).save_pretrained(folder)
+    print(f"built {spec.name} in {time.perf_counter() - started:.0f} s at {folder}", flush=True)
+
+
+class UtilizationSampler:
+    """NVML's GPU utilization of the given GPUs, sampled every NVML_PERIOD_S in a thread."""
+
+    def __init__(self, gpu_indices: list[int]) -> None:
+        self.samples: dict[int, list[tuple[float, int]]] = {i: [] for i in gpu_indices}
+        self.available = False
+        try:
+            import pynvml
+
+            pynvml.nvmlInit()
+            self._nvml = pynvml
+            self._handles = {i: pynvml.nvmlDeviceGetHandleByIndex(i) for i in gpu_indices}
+            self.available = bool(gpu_indices)
+        except Exception as err:  # no driver here (a CPU dry run): spans only
+            print(f"NVML unavailable ({err}); GPU busy from clip spans only", flush=True)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def __enter__(self) -> UtilizationSampler:
+        if self.available:
+            self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        if self.available:
+            self._thread.join()
+
+    def _run(self) -> None:
+        while not self._stop.wait(NVML_PERIOD_S):
+            now = time.time()
+            for index, handle in self._handles.items():
+                self.samples[index].append((now, self._nvml.nvmlDeviceGetUtilizationRates(handle).gpu))
+
+    def busy(self, index: int, start: float, end: float) -> float | None:
+        window = [value for t, value in self.samples.get(index, []) if start <= t <= end]
+        return round(statistics.fmean(window) / 100, 4) if window else None
+
+
+def catalog_for(path: Path, gpus: int, clips: int, frames: int, steps: int) -> None:
+    """A catalog of ``clips`` new products for this GPU count (SKUs unique per count: none is skipped)."""
+    now = datetime.now(UTC)
+    rows = [
+        {
+            "sku": f"FLEET-{gpus}GPU-{i:04d}",
+            "title": f"Bench product {i}",
+            "description": "A ceramic mug with a matte glaze.",
+            "style": "studio",
+            "updated_at": now,
+            "model": FAMILY,
+            "num_frames": frames,
+            "steps": steps,
+        }
+        for i in range(clips)
+    ]
+    from catalogs.schema import CATALOG_SCHEMA
+
+    pq.write_table(pa.Table.from_pylist(rows, schema=CATALOG_SCHEMA), path)
+
+
+def gpu_of(worker: str) -> int | None:
+    """The GPU index a worker name carries ('<node>/gpu2/pid123' -> 2), as Ray numbered it."""
+    part = worker.split("/")[1]
+    return int(part.removeprefix("gpu")) if part.startswith("gpu") else None
+
+
+def run_count(args: argparse.Namespace, gpus: int, workdir: Path) -> dict:
+    """One nightly flow on ``gpus`` GPUs (or CPU actors when 0); its measurements."""
+    import ray
+
+    from flows.nightly import nightly_catalog
+    from infra.settings import Settings
+    from tasks.fleet import connect_ray
+
+    if gpus:
+        os.environ["CUDA_VISIBLE_DEVICES"] = ",".join(map(str, range(gpus)))
+    catalog = workdir / f"catalog-{gpus}gpu.parquet"
+    clips = args.clips_per_gpu * max(gpus, 1)
+    catalog_for(catalog, gpus, clips, args.frames, args.steps)
+    connect_ray(Settings())
+    print(f"[{gpus} GPU] ray resources {ray.cluster_resources()}", flush=True)
+    started = time.time()
+    with UtilizationSampler(list(range(gpus))) as sampler:
+        result = nightly_catalog(catalog_uri=str(catalog))
+    flow_seconds = time.time() - started
+    ray.shutdown()
+
+    made = [e for e in result.entries if e.generate_started_at is not None]
+    spans = [
+        (e.worker, e.generate_started_at.timestamp(), e.generate_started_at.timestamp() + e.generate_seconds)
+        for e in made
+    ]
+    first, last = min(s for _, s, _ in spans), max(end for _, _, end in spans)
+    window = last - first
+    per_gpu = {}
+    for worker in sorted({w for w, _, _ in spans}):
+        held = sum(end - s for w, s, end in spans if w == worker)
+        index = gpu_of(worker)
+        per_gpu[worker] = {
+            "gpu": index,
+            "clips": sum(1 for w, _, _ in spans if w == worker),
+            "nvml_busy": sampler.busy(index, first, last) if index is not None else None,
+            "clip_span_busy": round(held / window, 4),
+            "load_seconds": round(result.load_seconds.get(worker, float("nan")), 1),
+        }
+    nvml = [g["nvml_busy"] for g in per_gpu.values() if g["nvml_busy"] is not None]
+    statuses = [str(e.status) for e in result.entries]
+    summary = {
+        "gpus": gpus,
+        "clips": clips,
+        "statuses": {s: statuses.count(s) for s in sorted(set(statuses))},
+        "window_seconds": round(window, 1),
+        "flow_seconds": round(flow_seconds, 1),
+        "clips_per_hour": round(len(made) / window * 3600, 1),
+        "clips_per_hour_with_load": round(len(made) / flow_seconds * 3600, 1),
+        "gpu_busy_min": min(nvml) if nvml else None,
+        "clip_span_busy_min": min(g["clip_span_busy"] for g in per_gpu.values()),
+        "load_seconds_max": max(g["load_seconds"] for g in per_gpu.values()),
+        "seconds_per_clip_on_gpu": round(statistics.fmean(end - s for _, s, end in spans), 2),
+        "actors": per_gpu,
+        "manifest": result.manifest.parquet_key,
+    }
+    print(f"[{gpus} GPU] {json.dumps({k: v for k, v in summary.items() if k != 'actors'})}", flush=True)
+    return summary
+
+
+def run(args: argparse.Namespace) -> None:
+    from moto.server import ThreadedMotoServer
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    workdir = Path(args.workdir or tempfile.mkdtemp(prefix="wanfactory-fleet-"))
+    model_root = workdir / "models"
+    subprocess.run(
+        [sys.executable, __file__, "--build-model", str(model_root), "--variant", args.variant], check=True
+    )
+    s3_port = free_port()
+    # The S3 stand-in: moto's server in this process (the real store cannot run on the GPU machine).
+    store = ThreadedMotoServer(ip_address="127.0.0.1", port=s3_port, verbose=False)
+    logging.getLogger("werkzeug").setLevel(logging.WARNING)  # a line per request otherwise
+    store.start()
+    os.environ |= {
+        "WANFACTORY_S3_ENDPOINT": f"127.0.0.1:{s3_port}",
+        "WANFACTORY_MODEL_ROOT": str(model_root),
+        "WANFACTORY_MODEL_VARIANT": args.variant,
+        "WANFACTORY_DEFAULT_TEXT_MODEL": FAMILY,
+        "WANFACTORY_STATE_DIR": str(workdir / "state"),
+        "WANFACTORY_MODEL_CACHE_DIR": str(workdir / "cache"),
+        "WANFACTORY_RAY_OBJECT_STORE_BYTES": str(args.object_store_gib << 30),
+        "WANFACTORY_CPU_ACTORS_PER_MODEL": str(args.cpu_actors),
+        "WANFACTORY_FINISHER_NUM_CPUS": "1",
+        "RAY_AUTH_MODE": "disabled",
+        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+    }
+    from infra.objectstore import ObjectStore
+    from infra.settings import Settings
+
+    ObjectStore(Settings().object_store()).ensure_bucket()
+    from prefect.testing.utilities import prefect_test_harness
+
+    device = device_name()
+    runs = []
+    with prefect_test_harness(server_startup_timeout=120):
+        for gpus in args.gpus:
+            summary = run_count(args, gpus, workdir)
+            summary |= {"device": device, "steps": args.steps, "frames": args.frames, "variant": args.variant}
+            runs.append(summary)
+            (out / f"fleet-{gpus}gpu.json").write_text(json.dumps(summary, indent=1))
+    store.stop()
+    print_table(runs)
+
+
+def device_name() -> str:
+    try:
+        import pynvml
+
+        pynvml.nvmlInit()
+        count = pynvml.nvmlDeviceGetCount()
+        name = pynvml.nvmlDeviceGetName(pynvml.nvmlDeviceGetHandleByIndex(0))
+        return f"{count}x {name if isinstance(name, str) else name.decode()}"
+    except Exception:
+        return f"CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)"
+
+
+def print_table(runs: list[dict]) -> None:
+    one = next((r for r in runs if r["gpus"] == 1), None)
+    print("| GPUs | clips | clips/hour | vs 1 GPU | GPU busy min (NVML) | clip span busy min | load s |")
+    print("|---|---|---|---|---|---|---|")
+    for r in runs:
+        scaling = f"{r['clips_per_hour'] / one['clips_per_hour']:.2f}x" if one else "-"
+        print(
+            f"| {r['gpus']} | {r['clips']} | {r['clips_per_hour']} | {scaling} | {r['gpu_busy_min']} "
+            f"| {r['clip_span_busy_min']} | {r['load_seconds_max']} |"
+        )
+
+
+def summarize(results_dir: Path) -> dict:
+    """Merge ``fleet-<n>gpu.json`` runs into ``bench/results/fleet-latest.json``, with scaling vs 1 GPU."""
+    runs = sorted(
+        (json.loads(p.read_text()) for p in results_dir.glob("fleet-*gpu.json")), key=lambda r: r["gpus"]
+    )
+    one = next(r for r in runs if r["gpus"] == 1)
+    latest = {
+        "source": str(results_dir),
+        "device": sorted({r["device"] for r in runs}),
+        "runs": [
+            {
+                **{k: r[k] for k in ("gpus", "clips", "clips_per_hour", "gpu_busy_min", "device")},
+                "scaling_vs_1gpu": round(r["clips_per_hour"] / one["clips_per_hour"], 3),
+                "clip_span_busy_min": r["clip_span_busy_min"],
+                "clips_per_hour_with_load": r["clips_per_hour_with_load"],
+                "load_seconds_max": r["load_seconds_max"],
+                "steps": r["steps"],
+                "frames": r["frames"],
+            }
+            for r in runs
+        ],
+    }
+    target = Path(__file__).parent / "results" / "fleet-latest.json"
+    target.write_text(json.dumps(latest, indent=1) + "\n")
+    print_table(runs)
+    return latest
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--gpus", type=int, nargs="+", default=[1], help="GPU counts to run, in order")
+    parser.add_argument("--clips-per-gpu", type=int, default=5)
+    parser.add_argument("--frames", type=int, default=121, help="frames per clip (TI2V-5B: 4k+1, up to 121)")
+    parser.add_argument("--steps", type=int, default=6, help="denoising steps per clip (official: 50)")
+    parser.add_argument("--variant", choices=("full", "tiny"), default="full")
+    parser.add_argument("--cpu-actors", type=int, default=1, help="generator actors when a run has 0 GPUs")
+    parser.add_argument("--object-store-gib", type=int, default=16, help="Ray object store per run")
+    parser.add_argument("--workdir", help="where models, state and catalogs go (default: a temp dir)")
+    parser.add_argument("--out", default="bench/results/fleet-run")
+    parser.add_argument("--build-model", metavar="MODEL_ROOT", help=argparse.SUPPRESS)
+    parser.add_argument("--summarize", metavar="RESULTS_DIR", type=Path)
+    args = parser.parse_args()
+    if args.build_model:
+        build_model(Path(args.build_model), args.variant)
+    elif args.summarize:
+        summarize(args.summarize)
+    else:
+        run(args)
+
+
+if __name__ == "__main__":
+    main()

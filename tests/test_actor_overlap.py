@@ -1,0 +1,90 @@
+"""A generator actor prepares the next clip while the current one holds the GPU.
+
+The actor object is driven directly (not through Ray) so the test can hold the render lock, as a
+clip being denoised does, and see whether another clip's image fetch and prompt encoding go ahead.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from datetime import UTC, datetime
+
+import numpy as np
+import pyarrow as pa
+import pytest
+
+from catalogs.schema import CATALOG_SCHEMA, validate_catalog
+from tasks.fleet import GeneratorActor, engine_options
+from tasks.planning import PlanningRules, plan_clips
+from tasks.postprod.content_filter import PromptPolicy
+from tasks.postprod.profile import load_profiles
+
+pytestmark = pytest.mark.usefixtures("tiny_models", "ray_cluster")
+
+
+def clip_spec(settings):
+    row = {
+        "sku": "OVERLAP-1",
+        "title": "Mug",
+        "description": "A mug.",
+        "style": "studio",
+        "updated_at": datetime(2026, 11, 22, tzinfo=UTC),
+        "model": "ti2v-5b",
+    }
+    rules = PlanningRules(
+        variant="tiny",
+        default_text_model="ti2v-5b",
+        default_image_model="ti2v-5b",
+        profiles=load_profiles(),
+        default_profile="standard",
+        prompt_policy=PromptPolicy.load(),
+    )
+    catalog = validate_catalog(pa.Table.from_pylist([row], schema=CATALOG_SCHEMA))
+    return plan_clips(catalog, rules, "run-overlap", {}, set()).clips[0]
+
+
+@pytest.fixture(scope="module")
+def actor(settings) -> GeneratorActor:
+    return GeneratorActor(
+        "ti2v-5b",
+        "tiny",
+        settings.model_root,
+        settings.model_cache_dir,
+        "cpu",
+        settings.object_store(),
+        engine_options(settings),
+    )
+
+
+def test_the_next_clip_is_prepared_while_the_current_one_renders(actor, settings, monkeypatch):
+    assert actor.generator.prepares_concurrently  # the text encoder stays resident on this model
+    spec = clip_spec(settings)
+    expected = actor.generator.generate(spec.request(None)).frames
+
+    prepared = threading.Event()
+    prepare = actor.generator.prepare
+
+    def observed_prepare(request):
+        result = prepare(request)
+        prepared.set()
+        return result
+
+    monkeypatch.setattr(actor.generator, "prepare", observed_prepare)
+    results = []
+    with actor.render_lock:  # another clip is rendering
+        worker = threading.Thread(target=lambda: results.append(actor.generate(spec)))
+        worker.start()
+        assert prepared.wait(60), "the clip waited for the GPU before encoding its prompts"
+        worker.join(0.5)
+        assert not results, "the clip rendered while another held the GPU"
+    worker.join(60)
+    _, clip = results[0]
+    assert clip.error is None and clip.started_at is not None
+    assert np.array_equal(clip.frames, expected)  # prepared apart, rendered later: the same frames
+
+
+def test_the_actor_reports_its_load_time(actor):
+    worker, seconds = actor.loaded()
+    assert worker == actor.name() and worker.endswith(f"/cpu/pid{os.getpid()}")
+    assert 0 < seconds < 120
