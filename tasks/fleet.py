@@ -43,7 +43,13 @@ log = logging.getLogger(__name__)
 CLIPS_IN_FLIGHT_PER_ACTOR = 2
 # Calls an actor runs at once: one rendering on the GPU, one preparing or handing frames back.
 ACTOR_CONCURRENCY = 2
-# Generated clips allowed to wait for encoding, per actor: bounds the frames held in memory.
+# Back-pressure. Generated frames wait in Ray's object store for a CPU finisher. While they fit in
+# FINISHING_MEMORY_SHARE of the store, actors keep generating: post-production may take longer than
+# generation (3x, for a 6-step TI2V-5B clip; bench/README.md), and a fixed small window then idles the
+# GPUs. Past it, actors pause until finishers catch up, so host memory stays bounded and frames are
+# never spilled to disk. FINISHING_PER_ACTOR clips per actor are always allowed, so a small store still
+# makes progress.
+FINISHING_MEMORY_SHARE = 0.5
 FINISHING_PER_ACTOR = 2
 # Times a clip is generated again after its attempt was lost with its actor: enough for a one-off
 # crash, few enough that a clip that kills every actor it meets ends as failed instead of looping.
@@ -214,6 +220,27 @@ def plan_fleets(
     return [FleetShape(shares, 1, actor_cpus)]
 
 
+def frames_bytes(spec: ClipSpec) -> int:
+    """The size of a clip's generated frames (uint8 RGB), as they wait in the object store."""
+    return spec.num_frames * spec.height * spec.width * 3
+
+
+def admits_generation(
+    generating: Sequence[ClipSpec],
+    finishing: Sequence[ClipSpec],
+    candidate: ClipSpec,
+    budget_bytes: int,
+    floor_clips: int,
+) -> bool:
+    """Back-pressure: whether ``candidate`` may start generating, given the clips generating (whose
+    frames are on their way) and those waiting for or in post-production. Below ``floor_clips`` in
+    post-production, always; above it, while all their frames fit in ``budget_bytes``."""
+    if len(finishing) < floor_clips:
+        return True
+    waiting = sum(frames_bytes(spec) for spec in (*generating, *finishing))
+    return waiting + frames_bytes(candidate) <= budget_bytes
+
+
 class FleetStartError(RuntimeError):
     """A model could not be loaded on its actors."""
 
@@ -243,6 +270,9 @@ class GenerationFleet:
     ) -> None:
         self.run_id = run_id
         self.store_config = settings.object_store()
+        self.finishing_budget_bytes = int(
+            FINISHING_MEMORY_SHARE * ray.cluster_resources().get("object_store_memory", 0)
+        )
         self.finishing = finishing
         self.finisher = ray.remote(finish_clip).options(num_cpus=settings.finisher_num_cpus, max_retries=2)
         actor_class = ray.remote(GeneratorActor).options(
@@ -307,15 +337,21 @@ class GenerationFleet:
             self._give_up_slow_restarts()
             yield from self._fail_orphans(queues, lost)
             # Back-pressure counts the actors that will serve again, restarting ones included.
-            finishing_limit = FINISHING_PER_ACTOR * sum(not m.gone for m in self._members)
+            floor = FINISHING_PER_ACTOR * sum(not m.gone for m in self._members)
             for member in self._members:
                 queue = queues[member.family]
                 while (
                     queue
                     and member.serving
                     and in_flight[id(member)] < CLIPS_IN_FLIGHT_PER_ACTOR
-                    # Back-pressure: while encoders lag, let the actors drain instead of piling up frames.
-                    and len(finishing) < finishing_limit
+                    # While finishers lag, let the actors drain instead of piling up frames.
+                    and admits_generation(
+                        [s for s, _, _ in generating.values()],
+                        list(finishing.values()),
+                        queue[0],
+                        self.finishing_budget_bytes,
+                        floor,
+                    )
                 ):
                     spec = queue.popleft()
                     done, frames = member.handle.generate.remote(spec)

@@ -10,6 +10,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from PIL import ImageFont
+
 from catalogs.sources import read_bytes
 from infra.objectstore import ObjectStore
 from infra.settings import Settings
@@ -56,6 +58,7 @@ def prepare_postproduction(settings: Settings) -> Postproduction:
                 logo = read_bytes(profile.logo_location, store.client)
             except Exception as err:
                 raise ProfileError(f"profile {name!r}: cannot read logo {profile.logo_uri!r}: {err}") from err
+        _check_label_font(name, profile)
         profiles[name] = profile.with_logo_digest(logo)
     if settings.postprocess_profile not in profiles:
         wanted = settings.postprocess_profile
@@ -71,3 +74,18 @@ def prepare_postproduction(settings: Settings) -> Postproduction:
             threads=settings.postprocess_threads,
         ),
     )
+
+
+def _check_label_font(name: str, profile: PostprocessProfile) -> None:
+    """A label font missing on this host (fonts-dejavu-core not installed) would fail every clip at the
+    visible watermark: say so once, at the start of the run."""
+    mark = profile.visible_watermark
+    if not mark.text:
+        return
+    try:
+        ImageFont.truetype(mark.font_path, 12)
+    except OSError as err:
+        raise ProfileError(
+            f"profile {name!r}: cannot load the label font {mark.font_path!r} ({err}); install "
+            "fonts-dejavu-core (infra/setup.sh does) or set visible_watermark.font_path in the profile"
+        ) from err

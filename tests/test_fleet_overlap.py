@@ -1,4 +1,5 @@
-"""A generator actor prepares the next clip while the current one holds the GPU.
+"""What keeps GPUs busy: an actor prepares the next clip while the current one holds the GPU, and
+back-pressure lets frames queue for post-production up to a memory budget, not a fixed small window.
 
 The actor object is driven directly (not through Ray) so the test can hold the render lock, as a
 clip being denoised does, and see whether another clip's image fetch and prompt encoding go ahead.
@@ -15,7 +16,7 @@ import pyarrow as pa
 import pytest
 
 from catalogs.schema import CATALOG_SCHEMA, validate_catalog
-from tasks.fleet import GeneratorActor, engine_options
+from tasks.fleet import GeneratorActor, admits_generation, engine_options, frames_bytes
 from tasks.planning import PlanningRules, plan_clips
 from tasks.postprod.content_filter import PromptPolicy
 from tasks.postprod.profile import load_profiles
@@ -88,3 +89,16 @@ def test_the_actor_reports_its_load_time(actor):
     worker, seconds = actor.loaded()
     assert worker == actor.name() and worker.endswith(f"/cpu/pid{os.getpid()}")
     assert 0 < seconds < 120
+
+
+def test_back_pressure_bounds_waiting_frames_by_memory_not_by_a_fixed_window(settings):
+    clip = clip_spec(settings)
+    size = frames_bytes(clip)
+    assert size == clip.num_frames * clip.height * clip.width * 3
+    budget = 10 * size
+    # Under the floor, a clip may always start, whatever the budget.
+    assert admits_generation([], [clip], clip, budget_bytes=0, floor_clips=2)
+    # Over the floor: as long as the frames generating and waiting, and the new clip's, fit the budget.
+    assert admits_generation([clip] * 2, [clip] * 7, clip, budget, floor_clips=2)
+    assert not admits_generation([clip] * 2, [clip] * 8, clip, budget, floor_clips=2)
+    assert not admits_generation([], [clip] * 10, clip, budget, floor_clips=2)

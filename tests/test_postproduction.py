@@ -130,6 +130,16 @@ def test_a_profile_whose_logo_is_missing_stops_the_run_at_its_start(settings, tm
         )
 
 
+def test_a_profile_whose_label_font_is_missing_stops_the_run_at_its_start(settings, tmp_path):
+    # As on a host without fonts-dejavu-core: every clip would otherwise fail at the visible watermark.
+    path = tmp_path / "profiles.toml"
+    path.write_text('[web.visible_watermark]\nfont_path = "/nowhere/NoSuchFont-Bold.ttf"\n')
+    with pytest.raises(ProfileError, match=r"profile 'web': cannot load the label font '/nowhere/NoSuchFont"):
+        prepare_postproduction(
+            settings.model_copy(update={"postprocess_profiles_path": path, "postprocess_profile": "web"})
+        )
+
+
 def test_settings_name_an_unknown_default_profile(settings):
     with pytest.raises(ProfileError, match=r"WANFACTORY_POSTPROCESS_PROFILE='cinema' is not one of"):
         prepare_postproduction(Settings(postprocess_profile="cinema"))
