@@ -271,7 +271,7 @@ def print_table(runs: list[dict]) -> None:
         )
 
 
-def summarize(results_dir: Path) -> dict:
+def summarize(results_dir: Path, note: str | None = None) -> dict:
     """Merge ``fleet-<n>gpu.json`` runs into ``bench/results/fleet-latest.json``, with scaling vs 1 GPU."""
     runs = sorted(
         (json.loads(p.read_text()) for p in results_dir.glob("fleet-*gpu.json")), key=lambda r: r["gpus"]
@@ -279,6 +279,7 @@ def summarize(results_dir: Path) -> dict:
     one = next(r for r in runs if r["gpus"] == 1)
     latest = {
         "source": str(results_dir),
+        "note": note,
         "device": sorted({r["device"] for r in runs}),
         "runs": [
             {
@@ -314,11 +315,12 @@ def main() -> None:
     parser.add_argument("--out", default="bench/results/fleet-run")
     parser.add_argument("--build-model", metavar="MODEL_ROOT", help=argparse.SUPPRESS)
     parser.add_argument("--summarize", metavar="RESULTS_DIR", type=Path)
+    parser.add_argument("--note", help="with --summarize: what the summary should be read with")
     args = parser.parse_args()
     if args.build_model:
         build_model(Path(args.build_model), args.variant)
     elif args.summarize:
-        summarize(args.summarize)
+        summarize(args.summarize, args.note)
     else:
         run(args)
 
