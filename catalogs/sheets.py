@@ -68,12 +68,10 @@ from openpyxl.utils.exceptions import InvalidFileException
 
 from catalogs.prompts import STYLES, product_prompt
 from catalogs.sources import read_bytes, resolve_reference, split_s3_uri
-from wan_engine.requests import GenerationRequest
 from wan_engine.specs import MODEL_FAMILIES, ModelSpec, Variant, get_model_spec
 
 if TYPE_CHECKING:
     from minio import Minio
-    from PIL.Image import Image
 
 MAX_SAMPLES = 16  # clips per variant: a contact-sheet row, not a load test
 MAX_ID_LENGTH = 64
@@ -198,25 +196,6 @@ class SheetClip:
     image_uri: str | None
     postprocess_profile: str | None
 
-    @property
-    def key_prefix(self) -> str:
-        return f"experiments/{self.experiment_id}/{self.variant_id}/"
-
-    @property
-    def model_spec(self) -> ModelSpec:
-        return get_model_spec(self.model, self.model_variant)
-
-    def request(self, image: Image | None = None) -> GenerationRequest:
-        """The generation request; unset fields (frames, steps, guidance) take the model's defaults."""
-        return GenerationRequest(
-            prompt=self.prompt,
-            seed=self.seed,
-            negative_prompt=self.negative_prompt,
-            width=self.width,
-            height=self.height,
-            image=image,
-        )
-
 
 @dataclass(frozen=True)
 class SheetVariant:
@@ -240,14 +219,6 @@ class SheetVariant:
     image_uri: str | None
     postprocess_profile: str | None
     notes: str | None
-
-    @property
-    def key_prefix(self) -> str:
-        return f"experiments/{self.experiment_id}/{self.variant_id}/"
-
-    @property
-    def model_spec(self) -> ModelSpec:
-        return get_model_spec(self.model, self.model_variant)
 
     def clips(self) -> list[SheetClip]:
         """One clip per seed, in the order of the seeds."""
