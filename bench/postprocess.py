@@ -71,7 +71,10 @@ def shaky_scene(width: int, height: int, frames: int, seed: int = 0) -> np.ndarr
     return video
 
 
-def spec_for(name: str, width: int, height: int, frames: int, fps: int) -> ClipSpec:
+def spec_for(
+    name: str, width: int, height: int, frames: int, fps: int, profile: str = "standard"
+) -> ClipSpec:
+    """A clip spec for synthetic frames of this size (no model made them: model fields are placeholders)."""
     return ClipSpec(
         clip_id=f"bench-{name}",
         row=0,
@@ -92,7 +95,7 @@ def spec_for(name: str, width: int, height: int, frames: int, fps: int) -> ClipS
         image_uri=None,
         image_sha256=None,
         prompt_sha256="",
-        profile="standard",
+        profile=profile,
     )
 
 

@@ -41,7 +41,7 @@ import tempfile
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import cv2
@@ -52,6 +52,7 @@ from pydantic import SecretStr
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench.postprocess import spec_for
 from infra.object_store_server import CephObjectStore, ObjectStoreServerConfig, read_pid_file
 from infra.objectstore import ObjectStore
 from infra.settings import ObjectStoreConfig
@@ -60,7 +61,7 @@ from tasks.postprod.chain import DELIVERY_CRF
 from tasks.postprod.preview import write_preview
 from tasks.postprod.profile import load_profiles
 from tasks.publish import publish_clip
-from tasks.records import ClipSpec, FinishedClip, GeneratedClip
+from tasks.records import FinishedClip, GeneratedClip
 from tests.net import free_ports
 
 BUCKET = "wanfactory-bench"
@@ -163,27 +164,12 @@ def make_clip_files(name: str, out_dir: Path, threads: int) -> ClipFiles:
 
 def finished_clip(files: ClipFiles, clip_id: str) -> FinishedClip:
     """A FinishedClip over ``files`` as the chain would hand it to publish_clip (unique keys per call)."""
-    spec = ClipSpec(
+    spec = replace(
+        spec_for(files.name, files.width, files.height, files.frames, files.fps, profile=PROFILE),
         clip_id=clip_id,
-        row=0,
         sku=f"BENCH-{files.name.upper()}",
         model=files.name,
-        family=files.name,
-        variant="full",
-        prompt="bench",
-        negative_prompt="",
-        width=files.width,
-        height=files.height,
-        num_frames=files.frames,
-        fps=files.fps,
-        steps=0,
-        guidance_scale=0.0,
-        guidance_scale_2=None,
-        seed=0,
-        image_uri=None,
-        image_sha256=None,
         prompt_sha256="0" * 64,  # real length: the metadata headers are part of every request
-        profile=PROFILE,
     )
     generated = GeneratedClip(spec, None, files.fps, 0.0, {}, "bench")
     return FinishedClip(
