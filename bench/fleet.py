@@ -202,6 +202,7 @@ def run_count(args: argparse.Namespace, gpus: int, workdir: Path) -> dict:
 
 
 def run(args: argparse.Namespace) -> None:
+    started = time.monotonic()
     from moto.server import ThreadedMotoServer
 
     out = Path(args.out)
@@ -239,6 +240,12 @@ def run(args: argparse.Namespace) -> None:
     runs = []
     with prefect_test_harness(server_startup_timeout=120):
         for gpus in args.gpus:
+            # A count that would not finish inside the command's limit is left for another command,
+            # so the counts already measured are written and reported, not lost with a killed run.
+            longest = max((r["flow_seconds"] for r in runs), default=0.0)
+            if args.budget_s and runs and time.monotonic() - started + 1.2 * longest > args.budget_s:
+                print(f"[{gpus} GPU] skipped: would not finish inside --budget-s {args.budget_s}", flush=True)
+                continue
             summary = run_count(args, gpus, workdir)
             summary |= {"device": device, "steps": args.steps, "frames": args.frames, "variant": args.variant}
             runs.append(summary)
@@ -311,6 +318,12 @@ def main() -> None:
     parser.add_argument("--variant", choices=("full", "tiny"), default="full")
     parser.add_argument("--cpu-actors", type=int, default=1, help="generator actors when a run has 0 GPUs")
     parser.add_argument("--object-store-gib", type=int, default=16, help="Ray object store per run")
+    parser.add_argument(
+        "--budget-s",
+        type=float,
+        default=0,
+        help="skip GPU counts that would end past this many seconds of the command (the first always runs)",
+    )
     parser.add_argument("--workdir", help="where models, state and catalogs go (default: a temp dir)")
     parser.add_argument("--out", default="bench/results/fleet-run")
     parser.add_argument("--build-model", metavar="MODEL_ROOT", help=argparse.SUPPRESS)
