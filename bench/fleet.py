@@ -43,6 +43,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from catalogs.schema import CATALOG_SCHEMA
+
 FAMILY = "ti2v-5b"
 NVML_PERIOD_S = 0.1
 
@@ -130,8 +132,6 @@ def catalog_for(path: Path, gpus: int, clips: int, frames: int, steps: int) -> N
         }
         for i in range(clips)
     ]
-    from catalogs.schema import CATALOG_SCHEMA
-
     pq.write_table(pa.Table.from_pylist(rows, schema=CATALOG_SCHEMA), path)
 
 
