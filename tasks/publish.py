@@ -68,17 +68,23 @@ def clip_metadata(finished: FinishedClip, run_id: str) -> dict[str, str]:
     return metadata
 
 
+def _generation_details(generated: GeneratedClip) -> dict[str, object]:
+    """What the manifest records of a clip's generation, whatever became of the clip afterwards."""
+    return {
+        "generate_started_at": generated.started_at,
+        "generate_seconds": round(generated.seconds, 3),
+        "expert_calls": generated.expert_calls,
+        "worker": generated.worker,
+        "engine_mode": generated.engine_mode,
+    }
+
+
 def _entry(finished: FinishedClip, run_id: str, status: ClipStatus, **details: object) -> ManifestEntry:
-    generated = finished.generated
     return ManifestEntry.for_spec(
         finished.spec,
         run_id,
         status,
-        generate_started_at=generated.started_at,
-        generate_seconds=round(generated.seconds, 3),
-        expert_calls=generated.expert_calls,
-        worker=generated.worker,
-        engine_mode=generated.engine_mode,
+        **_generation_details(finished.generated),
         delivered_width=finished.width,
         delivered_height=finished.height,
         delivered_fps=finished.fps,
@@ -134,17 +140,7 @@ def finish_clip(generated: GeneratedClip, context: FinishingContext, run_id: str
 
     def failed(stage: str, reason: str) -> ManifestEntry:
         log.warning("clip failed clip_id=%s sku=%s stage=%s reason=%s", spec.clip_id, spec.sku, stage, reason)
-        return failed_entry(
-            spec,
-            run_id,
-            stage,
-            reason,
-            generate_started_at=generated.started_at,
-            generate_seconds=round(generated.seconds, 3),
-            expert_calls=generated.expert_calls,
-            worker=generated.worker,
-            engine_mode=generated.engine_mode,
-        )
+        return failed_entry(spec, run_id, stage, reason, **_generation_details(generated))
 
     if generated.error is not None:
         return failed("generate", generated.error)
