@@ -11,11 +11,9 @@ from __future__ import annotations
 from prefect import flow, get_run_logger
 from prefect.runtime import flow_run
 
-from flows.common import RunResult, label_flow_run, new_run_id, render_clips
+from flows.common import RunResult, label_flow_run, new_run_id, render_plan
 from infra.settings import Settings
-from tasks.records import ManifestEntry
 from tasks.units import (
-    RunProgress,
     experiment_outputs_task,
     load_sheet_task,
     plan_sheet_task,
@@ -48,11 +46,8 @@ def ab_batch(sheet_uri: str, force: bool = False) -> RunResult:
     logger.info("run %s sheet=%s experiments=%s", run_id, sheet_uri, ",".join(experiments))
 
     plan = plan_sheet_task(sheet, run_id, settings, postproduction, force)
-    entries: list[ManifestEntry] = [*plan.rejected, *plan.refused, *plan.skipped]
-    progress = RunProgress(len(plan.clips), f"run {run_id}")
-    rendering = render_clips(plan.clips, settings, run_id, postproduction.finishing, progress, logger)
-    entries += rendering.entries
-    progress.close()
+    rendering = render_plan(plan, settings, run_id, postproduction.finishing, logger)
+    entries = rendering.entries
 
     manifest = write_manifest_task(run_id, sheet_uri, entries, settings)
     experiment_outputs_task(run_id, sheet_uri, sheet, entries, settings)

@@ -15,6 +15,7 @@ from prefect.runtime import flow_run
 from infra.settings import Settings
 from tasks.fleet import FleetStartError, connect_ray, plan_fleets
 from tasks.manifest import ManifestLocation
+from tasks.planning import Plan
 from tasks.publish import FinishingContext
 from tasks.records import ClipSpec, ManifestEntry, failed_entry
 from tasks.units import RunProgress, render_batch_task, start_fleet_task
@@ -22,7 +23,8 @@ from tasks.units import RunProgress, render_batch_task, start_fleet_task
 
 @dataclass(frozen=True)
 class Rendering:
-    """What rendering a plan produced: an entry per clip, and what each generator actor cost to start."""
+    """What rendering a plan produced: an entry per planned row (made, skipped, rejected or refused),
+    and what each generator actor cost to start."""
 
     entries: list[ManifestEntry]
     load_seconds: dict[str, float]  # worker -> seconds to load and warm up its model
@@ -54,7 +56,24 @@ def label_flow_run(name: str | None = None, tags: Sequence[str] = ()) -> None:
         client.update_flow_run(run_id, name=name or current.name, tags=sorted({*current.tags, *tags}))
 
 
-def render_clips(
+def render_plan(
+    plan: Plan,
+    settings: Settings,
+    run_id: str,
+    finishing: FinishingContext,
+    logger: logging.Logger | logging.LoggerAdapter,
+) -> Rendering:
+    """Generate, post-process and publish the plan's clips, with a progress bar and artifact as they
+    end; one manifest entry per planned row, whatever happens."""
+    progress = RunProgress(len(plan.clips), f"run {run_id}")
+    try:
+        made = _render_clips(plan.clips, settings, run_id, finishing, progress, logger)
+    finally:
+        progress.close()
+    return Rendering([*plan.rejected, *plan.refused, *plan.skipped, *made.entries], made.load_seconds)
+
+
+def _render_clips(
     clips: Sequence[ClipSpec],
     settings: Settings,
     run_id: str,
@@ -62,7 +81,7 @@ def render_clips(
     progress: RunProgress,
     logger: logging.Logger | logging.LoggerAdapter,
 ) -> Rendering:
-    """Generate, post-process and publish ``clips``; one manifest entry per clip, whatever happens."""
+    """An entry per clip, and the load time of every actor that made them."""
     rendering = Rendering([], {})
     if not clips:
         return rendering

@@ -14,11 +14,9 @@ from pathlib import PurePosixPath
 from prefect import flow, get_run_logger
 from prefect.runtime import flow_run
 
-from flows.common import RunResult, label_flow_run, new_run_id, render_clips
+from flows.common import RunResult, label_flow_run, new_run_id, render_plan
 from infra.settings import Settings
-from tasks.records import ManifestEntry
 from tasks.units import (
-    RunProgress,
     load_catalog_task,
     plan_task,
     prepare_postproduction_task,
@@ -55,12 +53,8 @@ def nightly_catalog(
     postproduction = prepare_postproduction_task(settings)
     catalog = load_catalog_task(catalog_uri, settings)
     plan = plan_task(catalog, run_id, settings, postproduction, force, force_skus or [])
-    entries: list[ManifestEntry] = [*plan.rejected, *plan.refused, *plan.skipped]
-
-    progress = RunProgress(len(plan.clips), f"run {run_id}")
-    rendering = render_clips(plan.clips, settings, run_id, postproduction.finishing, progress, logger)
-    entries += rendering.entries
-    progress.close()
+    rendering = render_plan(plan, settings, run_id, postproduction.finishing, logger)
+    entries = rendering.entries
     manifest = write_manifest_task(run_id, catalog_uri, entries, settings)
     report_task(run_id, entries, manifest, settings)
     logger.info("run %s done counts=%s manifest=%s", run_id, manifest.counts, manifest.parquet_key)
