@@ -8,7 +8,7 @@ variables (or a ``.env`` file in the working directory). Secrets are
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Literal
 
@@ -155,11 +155,6 @@ class Settings(BaseSettings):
 
     def reader_store(self) -> ObjectStoreConfig:
         """The reader's view of the bucket: the same endpoint with the read-only credential."""
-        return ObjectStoreConfig(
-            endpoint=self.s3_endpoint,
-            access_key=self.s3_reader_access_key,
-            secret_key=self.s3_reader_secret_key,
-            bucket=self.s3_bucket,
-            secure=self.s3_secure,
-            region=self.s3_region,
+        return replace(
+            self.object_store(), access_key=self.s3_reader_access_key, secret_key=self.s3_reader_secret_key
         )

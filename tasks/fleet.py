@@ -309,17 +309,16 @@ class GenerationFleet:
             raise FleetStartError(
                 f"generator actors for {', '.join(shape.actors)} failed to load: {err}"
             ) from err
-        self.workers = [worker for worker, _ in loaded]
         # Seconds each actor took to load and warm up its model, by worker (restarts not included).
         self.load_seconds = dict(loaded)
         handles = [(family, actor) for family, actors in self.actors.items() for actor in actors]
         self._members = [
             _Member(family, actor, worker)
-            for (family, actor), worker in zip(handles, self.workers, strict=True)
+            for (family, actor), (worker, _) in zip(handles, loaded, strict=True)
         ]
         log.info(
             "fleet ready actors=%s load_seconds=%s",
-            ",".join(self.workers),
+            ",".join(self.load_seconds),
             ",".join(f"{seconds:.1f}" for seconds in self.load_seconds.values()),
         )
 
