@@ -3,7 +3,6 @@ nothing and duplicates nothing), on the real services with a catalog that change
 
 from __future__ import annotations
 
-import io
 import os
 import signal
 import subprocess
@@ -12,13 +11,11 @@ import time
 from datetime import UTC, datetime
 from pathlib import Path
 
-import pyarrow as pa
-import pyarrow.parquet as pq
 import pytest
 
-from catalogs.schema import CATALOG_SCHEMA
 from flows.nightly import nightly_catalog
 from tasks.records import ClipStatus
+from tests.catalog_upload import upload_catalog
 
 pytestmark = pytest.mark.usefixtures("tiny_models", "prefect_server", "ray_cluster")
 
@@ -35,22 +32,13 @@ def product(sku: str, **fields: object) -> dict:
     } | fields
 
 
-def upload_catalog(store, key: str, rows: list[dict]) -> str:
-    buffer = io.BytesIO()
-    pq.write_table(
-        pa.Table.from_pylist([{**r, "updated_at": NOW} for r in rows], schema=CATALOG_SCHEMA), buffer
-    )
-    store.put_bytes(key, buffer.getvalue(), "application/vnd.apache.parquet")
-    return store.uri(key)
-
-
 def statuses(result) -> dict[str, str]:
     return {entry.sku: str(entry.status) for entry in result.entries}
 
 
 def test_only_what_changed_is_regenerated_and_the_manifest_says_why(store):
     rows = [product("INC-A"), product("INC-B"), product("INC-C"), product("INC-D", style="outdoor")]
-    first = nightly_catalog(catalog_uri=upload_catalog(store, "catalogs/inc/catalog.parquet", rows))
+    first = nightly_catalog(catalog_uri=upload_catalog(store, "catalogs/inc/catalog.parquet", rows, NOW))
     assert set(statuses(first).values()) == {"published"}
     ids = {e.sku: e.clip_id for e in first.entries}
 
@@ -61,7 +49,7 @@ def test_only_what_changed_is_regenerated_and_the_manifest_says_why(store):
         product("INC-D", style="outdoor", postprocess_profile="social-30"),  # the post-production profile
         product("INC-E"),  # new
     ]
-    second = nightly_catalog(catalog_uri=upload_catalog(store, "catalogs/inc/catalog.parquet", changed))
+    second = nightly_catalog(catalog_uri=upload_catalog(store, "catalogs/inc/catalog.parquet", changed, NOW))
     assert statuses(second) == {
         "INC-A": "skipped",
         "INC-B": "published",
@@ -83,7 +71,7 @@ def test_a_run_killed_halfway_resumes_without_losing_or_duplicating_clips(store,
     import ray
 
     skus = [f"RES-{n}" for n in range(8)]
-    catalog = upload_catalog(store, "catalogs/resume/catalog.parquet", [product(sku) for sku in skus])
+    catalog = upload_catalog(store, "catalogs/resume/catalog.parquet", [product(sku) for sku in skus], NOW)
     env = {
         **os.environ,
         "PYTHONPATH": str(ROOT),

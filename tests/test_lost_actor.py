@@ -7,7 +7,6 @@ dispatcher generates the lost clips again, and the manifest says which clips too
 
 from __future__ import annotations
 
-import io
 import json
 import os
 import signal
@@ -15,14 +14,12 @@ import threading
 from datetime import UTC, datetime
 
 import psutil
-import pyarrow as pa
-import pyarrow.parquet as pq
 import pytest
 
-from catalogs.schema import CATALOG_SCHEMA
 from flows.nightly import nightly_catalog
 from tasks.fleet import CLIPS_IN_FLIGHT_PER_ACTOR
 from tasks.records import ClipStatus
+from tests.catalog_upload import upload_catalog
 
 pytestmark = pytest.mark.usefixtures("tiny_models", "prefect_server", "ray_cluster")
 
@@ -66,23 +63,16 @@ def _pid(worker: str) -> int:
 @pytest.fixture(scope="module")
 def catalog_uri(store) -> str:
     """Six text-to-video products: one model family, so one generator actor serves them all."""
-    now = datetime.now(UTC)
     rows = [
         {
             "sku": sku,
             "title": f"Enamel camp mug {index}",
             "description": "A speckled enamel mug on a wooden table.",
             "style": "studio",
-            "updated_at": now,
         }
         for index, sku in enumerate(SKUS)
     ]
-    buffer = io.BytesIO()
-    pq.write_table(pa.Table.from_pylist(rows, schema=CATALOG_SCHEMA), buffer)
-    store.put_bytes(
-        "catalogs/lost-actor/catalog.parquet", buffer.getvalue(), "application/vnd.apache.parquet"
-    )
-    return store.uri("catalogs/lost-actor/catalog.parquet")
+    return upload_catalog(store, "catalogs/lost-actor/catalog.parquet", rows, datetime.now(UTC))
 
 
 def test_a_killed_actor_loses_no_clip(catalog_uri, store):

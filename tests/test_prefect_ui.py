@@ -9,7 +9,6 @@ kept under ``$WANFACTORY_TEST_ARTIFACTS`` (default ``tests/artifacts/``).
 
 from __future__ import annotations
 
-import io
 import os
 import re
 import shutil
@@ -18,15 +17,13 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
-import pyarrow as pa
-import pyarrow.parquet as pq
 import pytest
 from PIL import Image, ImageStat
 
-from catalogs.schema import CATALOG_SCHEMA
 from flows.nightly import RunResult, nightly_catalog
 from infra.objectstore import ObjectStore
 from tests.browser import Page, PrefectUI, PrefectUIServer, parse_page, render, serve_prefect_ui
+from tests.catalog_upload import upload_catalog
 
 pytestmark = [
     pytest.mark.skipif(
@@ -75,15 +72,10 @@ def ui_run(store: ObjectStore, prefect_ui_server: PrefectUIServer) -> UIRun:
         {"sku": SKUS[0], "title": "Stoneware mug", "description": "A blue mug.", "style": "studio"},
         {"sku": SKUS[1], "title": "Canvas tote", "description": "An olive tote bag.", "style": "lifestyle"},
     ]
-    buffer = io.BytesIO()
-    pq.write_table(
-        pa.Table.from_pylist([{**row, "updated_at": updated_at} for row in rows], schema=CATALOG_SCHEMA),
-        buffer,
-    )
-    store.put_bytes("catalogs/ui/catalog.parquet", buffer.getvalue(), "application/vnd.apache.parquet")
+    catalog_uri = upload_catalog(store, "catalogs/ui/catalog.parquet", rows, updated_at)
     started = datetime.now(UTC)
     # force: both clips are generated and published whatever else this session published before.
-    result = nightly_catalog(catalog_uri=store.uri("catalogs/ui/catalog.parquet"), force=True)
+    result = nightly_catalog(catalog_uri=catalog_uri, force=True)
     ended = datetime.now(UTC)
     return UIRun(result, {f"nightly-{day:%Y-%m-%d}" for day in (started, ended)})
 

@@ -9,7 +9,6 @@ clips come from both.
 from __future__ import annotations
 
 import contextlib
-import io
 import json
 import os
 import signal
@@ -21,12 +20,10 @@ from dataclasses import replace
 from datetime import UTC, datetime
 from pathlib import Path
 
-import pyarrow as pa
-import pyarrow.parquet as pq
 import pytest
 
-from catalogs.schema import CATALOG_SCHEMA
 from infra.objectstore import ObjectStore
+from tests.catalog_upload import upload_catalog
 from tests.net import free_ports
 
 pytestmark = pytest.mark.usefixtures("tiny_models", "prefect_server")
@@ -139,27 +136,23 @@ def test_actors_of_a_model_spread_over_both_nodes(two_nodes, settings):
     # A bucket of its own, so this run's clips do not count as published for the other tests.
     bucket = ObjectStore(replace(settings.object_store(), bucket="wanfactory-two-node-test"))
     bucket.ensure_bucket()
-    now = datetime.now(UTC)
     rows = [
         {
             "sku": sku,
             "title": f"Linen throw pillow {index}",
             "description": "A sand linen pillow on a grey sofa.",
             "style": "lifestyle",
-            "updated_at": now,
         }
         for index, sku in enumerate(SKUS)
     ]
-    buffer = io.BytesIO()
-    pq.write_table(pa.Table.from_pylist(rows, schema=CATALOG_SCHEMA), buffer)
-    bucket.put_bytes("catalogs/two-node/catalog.parquet", buffer.getvalue(), "application/vnd.apache.parquet")
+    catalog_uri = upload_catalog(bucket, "catalogs/two-node/catalog.parquet", rows, datetime.now(UTC))
     env = {
         **ray_env(),
         "WANFACTORY_RAY_ADDRESS": address,
         "WANFACTORY_CPU_ACTORS_PER_MODEL": "2",
         "PREFECT_API_URL": PREFECT_API_URL.value(),
         "WANFACTORY_S3_BUCKET": bucket.bucket,
-        "WANFACTORY_CATALOG_URI": bucket.uri("catalogs/two-node/catalog.parquet"),
+        "WANFACTORY_CATALOG_URI": catalog_uri,
     }
     done = subprocess.run(
         ["wanfactory", "run", "nightly", "--force"], env=env, capture_output=True, text=True, timeout=300
