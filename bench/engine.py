@@ -40,6 +40,7 @@ from PIL import Image
 from transformers import UMT5Config, UMT5EncoderModel
 
 from wan_engine import EngineOptions, GenerationRequest, WanGenerator, get_model_spec
+from wan_engine.attention import FLASH_ATTENTION_BACKEND, resolve_attention_backend
 from wan_engine.generator import text_encoder_crowds_gpu
 from wan_engine.random_weights import build_tokenizer
 from wan_engine.specs import ModelSpec
@@ -60,7 +61,14 @@ CONFIGS = {
     "a14b_i2v_480p": Config("i2v-a14b", 832, 480, 81),
 }
 PROMPT = "A red knit sneaker turns slowly on a turntable, soft studio light, white backdrop."
-ATTENTION_BACKENDS = ("native", "_native_cudnn", "_native_flash", "_native_efficient")
+# flash_4_hub: FlashAttention's CuTe-DSL kernel, when flash_attn.cute is installed (wan_engine.attention).
+ATTENTION_BACKENDS = (
+    "native",
+    "_native_cudnn",
+    "_native_flash",
+    "_native_efficient",
+    FLASH_ATTENTION_BACKEND,
+)
 
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -183,7 +191,7 @@ def time_attention_backends(
     seconds = {}
     for backend in ATTENTION_BACKENDS:
         try:
-            model.set_attention_backend(backend)
+            model.set_attention_backend(resolve_attention_backend(backend, DEVICE))
             with torch.inference_mode():
                 model(hidden_states=latent, timestep=timestep, encoder_hidden_states=text, return_dict=False)
                 start = sync_time()
@@ -318,7 +326,7 @@ def run(config_name: str, steps: int | None, out_dir: Path, variant: str = "full
 
     # Ours: the generator in its default (exact) mode with the fastest attention backend measured above,
     # over the same transformers and text encoder (its VAE is a copy: ours decodes in bf16, stock in fp32).
-    options = EngineOptions(attention_backend=None if best_backend == "native" else best_backend)
+    options = EngineOptions(attention_backend=best_backend)
     ours_pipeline = pipeline_for(spec, {**components, "vae": copy.deepcopy(vae)})
     t0 = sync_time()
     generator = WanGenerator(ours_pipeline, spec, DEVICE, options)

@@ -70,6 +70,12 @@ class Settings(BaseSettings):
     default_text_model: str = Field("t2v-a14b", description="model for catalog rows without model or image")
     default_image_model: str = Field("i2v-a14b", description="model for catalog rows with an image")
     device: str = Field("auto", description="'auto' (cuda when present), 'cuda' or 'cpu'")
+    engine_attention_backend: str = Field(
+        "auto",
+        description="diffusers attention backend for the transformers: 'auto' (FlashAttention's Hopper/"
+        "Blackwell kernels when flash_attn.cute is installed, else PyTorch SDPA), 'native', or any other "
+        "diffusers backend name",
+    )
     # Opt-in approximate engine modes (bench/README.md has their measured speed and drift). Off, the
     # engine is exact: stock diffusers' frames within bf16 tolerance. Manifests record the mode.
     engine_step_cache_interval: int = Field(

@@ -178,7 +178,9 @@ class GeneratorActor:
 def engine_options(settings: Settings) -> EngineOptions:
     """The engine's fast exact defaults, plus any approximate mode the settings opt into."""
     return EngineOptions(
-        step_cache_interval=settings.engine_step_cache_interval, fp8_matmuls=settings.engine_fp8_matmuls
+        attention_backend=settings.engine_attention_backend,
+        step_cache_interval=settings.engine_step_cache_interval,
+        fp8_matmuls=settings.engine_fp8_matmuls,
     )
 
 

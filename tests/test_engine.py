@@ -160,6 +160,7 @@ def test_exact_mode_gives_the_frames_of_stock_diffusers(tiny_folders, family, wi
     spec = get_model_spec(family, "tiny")
     generator = WanGenerator.from_pretrained(tiny_folders[family], spec, device="cpu")
     assert generator.options == EngineOptions()  # the default is the exact mode
+    assert generator.attention_backend is None  # "auto" on a CPU: PyTorch's SDPA, as stock diffusers
     request = GenerationRequest(prompt="a red sneaker", seed=3, image=product_image() if with_image else None)
     ours, stock = generator.generate(request).frames, stock_frames(generator, request)
     difference = np.abs(ours.astype(np.int16) - stock.astype(np.int16))

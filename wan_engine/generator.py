@@ -28,6 +28,7 @@ import numpy as np
 import torch
 from diffusers import AutoencoderKLWan, DiffusionPipeline, TaylorSeerCacheConfig, WanImageToVideoPipeline
 
+from wan_engine.attention import AUTO, resolve_attention_backend
 from wan_engine.requests import GenerationRequest, InvalidRequestError, request_problems, resolve_request
 from wan_engine.specs import ModelSpec
 from wan_engine.weights import materialize
@@ -44,7 +45,9 @@ class EngineOptions:
 
     batch_guidance: bool = True  # conditional and unconditional passes as one batch of two
     compile_blocks: bool = True  # torch.compile the repeated transformer blocks (GPU only)
-    attention_backend: str | None = None  # a diffusers attention backend; None keeps PyTorch's SDPA
+    # A diffusers attention backend; None keeps PyTorch's SDPA; "auto" takes FlashAttention's Hopper/
+    # Blackwell kernels when they are installed and run on this GPU (wan_engine.attention), else SDPA.
+    attention_backend: str | None = AUTO
     # None: bfloat16 on a GPU, where its frames stay within bf16 tolerance of a float32 decode at
     # two thirds of the time (bench/results), and float32 on a CPU, where bfloat16 is slow.
     vae_dtype: torch.dtype | None = None
@@ -132,10 +135,11 @@ class WanGenerator:
         self._expert_calls: Counter[str] = Counter()
         if self.options.fp8_matmuls:
             _check_fp8_device(device)
+        self.attention_backend = resolve_attention_backend(self.options.attention_backend, device)
         for name, module in self.experts.items():
             module.register_forward_pre_hook(self._counter(name), with_kwargs=True)
-            if self.options.attention_backend:
-                module.set_attention_backend(self.options.attention_backend)
+            if self.attention_backend:
+                module.set_attention_backend(self.attention_backend)
             if self.options.fp8_matmuls:
                 _quantize_fp8(module)
             if self.options.context_parallel:
