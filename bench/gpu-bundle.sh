@@ -2,10 +2,9 @@
 # Pack what the GPU image lacks into carries for the device tool.
 #
 # bench/gpu-bundle.sh engine: one carry, .gpu/engine, for bench/engine.py and bench/attention.py:
-#   diffusers, ftfy, and FlashAttention's CuTe-DSL kernels (flash_attn.cute from the flash-attn 2.8.3.post2
-#   sdist, nvidia-cutlass-dsl 4.1.0 which that code is written for, the kernels package diffusers checks
-#   for), with cuda-bindings 12.9 beside them for the DSL (it asks for cuda-python < 13; the image has 13).
-#   Start the run with `source .gpu/engine/add.sh`: it unpacks into /tmp/site and sets PYTHONPATH.
+#   diffusers, ftfy, the kernels package diffusers checks for, and FlashAttention's CuTe-DSL kernels
+#   as infra/flash_attention.sh installs them. Start the run with `source .gpu/engine/add.sh`: it
+#   unpacks into /tmp/site and sets PYTHONPATH.
 #
 # bench/gpu-bundle.sh [fleet]: for bench/fleet.py and bench/context_parallel.py, two carries:
 #   .gpu/a  diffusers, ftfy, c2pa-python and a static ffmpeg 7.0.2 (imageio-ffmpeg 0.6.0's, with
@@ -32,37 +31,18 @@ download() {
 if [ "${1:-fleet}" = engine ]; then
   # No dependencies: the image has diffusers' own, and kernels is only checked for by version.
   download --no-deps -d "$tmp/whl" diffusers==0.42.1 ftfy wcwidth kernels==0.17.2
-  download --no-deps -d "$tmp/dsl" nvidia-cutlass-dsl==4.1.0 cuda-bindings==12.9.4
-  # The sdist itself (pip download would try to build it, which needs CUDA).
-  sdist_url=$(python3 -c 'import re, urllib.request
-index = urllib.request.urlopen("https://pypi.org/simple/flash-attn/").read().decode()
-print(re.search(r"href=\"([^\"#]*flash_attn-2\.8\.3\.post2\.tar\.gz)", index).group(1))')
-  mkdir -p "$tmp/sdist"; python3 -c 'import sys, urllib.request; urllib.request.urlretrieve(*sys.argv[1:])' \
-    "$sdist_url" "$tmp/sdist/flash_attn-2.8.3.post2.tar.gz"
-  mkdir -p "$tmp/site/flash_attn" "$tmp/cuda12"
-  for w in "$tmp"/whl/*.whl; do
-    n=$(echo "$(basename "$w" | cut -d- -f1)" | tr 'A-Z_.' 'a-z--')
-    case "$n" in torch|triton|nvidia-*) continue ;; esac
-    grep -qx "$n" "$image_packages" || unzip -q -o "$w" -d "$tmp/site"
-  done
-  unzip -q -o "$tmp"/dsl/nvidia_cutlass_dsl-*.whl -d "$tmp/site"
-  unzip -q -o "$tmp"/dsl/cuda_bindings-*.whl -d "$tmp/cuda12"
-  # Only the CuTe-DSL kernels: the package's __init__ imports its compiled FlashAttention-2 extension.
-  tar -xzf "$tmp"/sdist/flash_attn-*.tar.gz -C "$tmp" --wildcards '*/flash_attn/cute/*'
-  mv "$tmp"/flash_attn-*/flash_attn/cute "$tmp/site/flash_attn/"
-  echo '"""flash_attn.cute only (bench/gpu-bundle.sh engine)."""' > "$tmp/site/flash_attn/__init__.py"
-  find "$tmp/site" "$tmp/cuda12" -name '__pycache__' -prune -exec rm -rf {} +
-  du -sh "$tmp/site" "$tmp/cuda12"
+  for w in "$tmp"/whl/*.whl; do unzip -q -o "$w" -d "$tmp/site"; done
+  bash "$root/infra/flash_attention.sh" "$tmp/site" --python-version 3.12 --implementation cp \
+    --only-binary=:all: --ignore-requires-python "${plat[@]}" 2> >(grep -v "^WARNING: Location" >&2)
+  find "$tmp/site" -name '__pycache__' -prune -exec rm -rf {} +
   rm -rf "$root/.gpu/engine"; mkdir -p "$root/.gpu/engine"
   tar -cf - -C "$tmp/site" . | xz -T0 -6 > "$root/.gpu/engine/site.tar.xz"
-  tar -cf - -C "$tmp/cuda12" . | xz -T0 -6 > "$root/.gpu/engine/cuda12.tar.xz"
   cat > "$root/.gpu/engine/add.sh" <<'ADD'
 # Sourced at the start of a device run (bench/gpu-bundle.sh engine).
 here=$(dirname "${BASH_SOURCE[0]}")
-mkdir -p /tmp/site /tmp/cuda12
+mkdir -p /tmp/site
 [ -f /tmp/site/.engine ] || { xz -d < "$here/site.tar.xz" | tar -xf - -C /tmp/site && touch /tmp/site/.engine; }
-[ -f /tmp/cuda12/.done ] || { xz -d < "$here/cuda12.tar.xz" | tar -xf - -C /tmp/cuda12 && touch /tmp/cuda12/.done; }
-export PYTHONPATH=/tmp/site:/tmp/site/nvidia_cutlass_dsl/python_packages:/tmp/cuda12 PYTHONUNBUFFERED=1
+export PYTHONPATH=/tmp/site:/tmp/site/nvidia_cutlass_dsl/python_packages PYTHONUNBUFFERED=1
 echo "gpu bundle: engine unpacked"
 ADD
   du -sh "$root/.gpu/engine"

@@ -60,3 +60,12 @@ def test_causal_attention_is_refused():
     q = torch.zeros(1, 4, 1, 128, dtype=torch.bfloat16)
     with pytest.raises(ValueError, match="not causal"):
         flash_attention(q, q, q, causal=True)
+
+
+def test_settings_choose_the_fleet_actors_attention(monkeypatch):
+    from infra.settings import Settings
+    from tasks.fleet import engine_options
+
+    assert engine_options(Settings()).attention_backend == AUTO
+    monkeypatch.setenv("WANFACTORY_ENGINE_ATTENTION_BACKEND", "native")
+    assert engine_options(Settings()).attention_backend == "native"
