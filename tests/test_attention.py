@@ -14,6 +14,7 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 
 from wan_engine.attention import (
     AUTO,
+    FLASH_ATTENTION_BACKEND,
     flash_attention,
     local_flash_attention_runs_on,
     resolve_attention_backend,
@@ -34,6 +35,15 @@ def test_auto_is_sdpa_where_the_flash_kernel_cannot_run():
     cpu = torch.device("cpu")
     assert not local_flash_attention_runs_on(cpu)
     assert resolve_attention_backend(AUTO, cpu) is None
+
+
+def test_auto_keeps_sdpa_under_context_parallelism(monkeypatch, hub_registry):
+    # As on a Hopper GPU with flash_attn.cute installed: auto takes the kernel, unless one clip is split
+    # across GPUs, which diffusers' flash_4_hub backend cannot do (it would refuse at enable_parallelism).
+    monkeypatch.setattr("wan_engine.attention.local_flash_attention_runs_on", lambda device: True)
+    gpu = torch.device("cuda")
+    assert resolve_attention_backend(AUTO, gpu) == FLASH_ATTENTION_BACKEND
+    assert resolve_attention_backend(AUTO, gpu, context_parallel=True) is None
 
 
 def test_a_named_backend_is_taken_as_asked():

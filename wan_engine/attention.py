@@ -29,14 +29,17 @@ FLASH_ATTENTION_BACKEND = "flash_4_hub"  # diffusers' name for FlashAttention's 
 FLASH_ATTENTION_CAPABILITIES = (9, 10)
 
 
-def resolve_attention_backend(requested: str | None, device: torch.device) -> str | None:
+def resolve_attention_backend(
+    requested: str | None, device: torch.device, context_parallel: bool = False
+) -> str | None:
     """The diffusers attention backend to set on the transformers, or None for PyTorch's SDPA.
 
     ``"auto"`` is the fastest one that runs here; any other name is taken as asked, and
-    ``flash_4_hub`` is supplied from the local installation when there is one.
+    ``flash_4_hub`` is supplied from the local installation when there is one. Under context
+    parallelism ``"auto"`` keeps SDPA: diffusers' ``flash_4_hub`` cannot split attention across GPUs.
     """
     if requested == AUTO:
-        if local_flash_attention_runs_on(device):
+        if not context_parallel and local_flash_attention_runs_on(device):
             supply_local_flash_attention()
             return FLASH_ATTENTION_BACKEND
         return None

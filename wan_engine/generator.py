@@ -135,7 +135,9 @@ class WanGenerator:
         self._expert_calls: Counter[str] = Counter()
         if self.options.fp8_matmuls:
             _check_fp8_device(device)
-        self.attention_backend = resolve_attention_backend(self.options.attention_backend, device)
+        self.attention_backend = resolve_attention_backend(
+            self.options.attention_backend, device, self.options.context_parallel
+        )
         for name, module in self.experts.items():
             module.register_forward_pre_hook(self._counter(name), with_kwargs=True)
             if self.attention_backend:
