@@ -427,8 +427,11 @@ def error_study(config_name: str, steps: int, out_dir: Path) -> dict:
             **({"image": request.image} if request.image is not None else {}),
         ).frames.float()
 
+    attention_backends = set()
+
     def ours_latents(options: EngineOptions) -> torch.Tensor:
         generator = WanGenerator(pipeline_for(spec, components), spec, DEVICE, options)
+        attention_backends.add(generator.attention_backend or "native")
         if options.warmup:
             generator.warm_up()
         with torch.inference_mode():
@@ -439,6 +442,8 @@ def error_study(config_name: str, steps: int, out_dir: Path) -> dict:
     ours = ours_latents(EngineOptions())
     for name in ("transformer", "transformer_2"):
         if components[name] is not None:
+            # The reference is stock diffusers in float32 with its own attention (ours set a bf16 kernel).
+            components[name].set_attention_backend("native")
             components[name].float()
     torch.backends.cuda.matmul.allow_tf32 = True
     torch.backends.cudnn.allow_tf32 = True
@@ -448,6 +453,7 @@ def error_study(config_name: str, steps: int, out_dir: Path) -> dict:
         "steps": steps,
         "device": device_name(),
         "reference": "stock diffusers, same weights in float32, TF32 matmuls",
+        "ours_attention_backend": sorted(attention_backends),
         "stock_bf16_vs_reference": relative_error(stock, reference),
         "ours_exact_vs_reference": relative_error(ours, reference),
         "ours_unbatched_uncompiled_vs_reference": relative_error(plain, reference),
