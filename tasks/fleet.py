@@ -122,6 +122,15 @@ class GeneratorActor:
         self.worker = f"{node}/{'gpu' + ','.join(map(str, gpus)) if gpus else 'cpu'}/pid{os.getpid()}"
         # Weights to GPU and warm-up (compilation) included: what a (re)start costs before the first clip.
         self.load_seconds = time.perf_counter() - started
+        # Which attention kernel "auto" chose is what an operator checks first when a GPU is slow.
+        log.info(
+            "generator loaded worker=%s model=%s mode=%s attention=%s load_seconds=%.1f",
+            self.worker,
+            spec.name,
+            options.mode,
+            self.generator.attention_backend or "sdpa",
+            self.load_seconds,
+        )
 
     def name(self) -> str:
         return self.worker
