@@ -122,22 +122,14 @@ class GeneratorActor:
         self.worker = f"{node}/{'gpu' + ','.join(map(str, gpus)) if gpus else 'cpu'}/pid{os.getpid()}"
         # Weights to GPU and warm-up (compilation) included: what a (re)start costs before the first clip.
         self.load_seconds = time.perf_counter() - started
-        # Which attention kernel "auto" chose is what an operator checks first when a GPU is slow.
-        log.info(
-            "generator loaded worker=%s model=%s mode=%s attention=%s load_seconds=%.1f",
-            self.worker,
-            spec.name,
-            options.mode,
-            self.generator.attention_backend or "sdpa",
-            self.load_seconds,
-        )
 
     def name(self) -> str:
         return self.worker
 
-    def loaded(self) -> tuple[str, float]:
-        """The worker's name and the seconds its model took to load and warm up."""
-        return self.worker, self.load_seconds
+    def loaded(self) -> tuple[str, float, str]:
+        """The worker's name, the seconds its model took to load and warm up, and the attention kernel
+        its engine runs ("auto" chooses by what is installed: what an operator checks on a slow GPU)."""
+        return self.worker, self.load_seconds, self.generator.attention_backend or "sdpa"
 
     @ray.method(num_returns=2)
     def generate(self, spec: ClipSpec) -> tuple[str, GeneratedClip]:
@@ -321,16 +313,17 @@ class GenerationFleet:
                 f"generator actors for {', '.join(shape.actors)} failed to load: {err}"
             ) from err
         # Seconds each actor took to load and warm up its model, by worker (restarts not included).
-        self.load_seconds = dict(loaded)
+        self.load_seconds = {worker: seconds for worker, seconds, _ in loaded}
         handles = [(family, actor) for family, actors in self.actors.items() for actor in actors]
         self._members = [
             _Member(family, actor, worker)
-            for (family, actor), (worker, _) in zip(handles, loaded, strict=True)
+            for (family, actor), (worker, _, _) in zip(handles, loaded, strict=True)
         ]
         log.info(
-            "fleet ready actors=%s load_seconds=%s",
+            "fleet ready actors=%s load_seconds=%s attention=%s",
             ",".join(self.load_seconds),
             ",".join(f"{seconds:.1f}" for seconds in self.load_seconds.values()),
+            ",".join(sorted({attention for _, _, attention in loaded})),
         )
 
     def run(self, clips: Sequence[ClipSpec]) -> Iterator[ManifestEntry]:

@@ -85,10 +85,11 @@ def test_the_next_clip_is_prepared_while_the_current_one_renders(actor, settings
     assert np.array_equal(clip.frames, expected)  # prepared apart, rendered later: the same frames
 
 
-def test_the_actor_reports_its_load_time(actor):
-    worker, seconds = actor.loaded()
+def test_the_actor_reports_its_load_time_and_attention_kernel(actor):
+    worker, seconds, attention = actor.loaded()
     assert worker == actor.name() and worker.endswith(f"/cpu/pid{os.getpid()}")
     assert 0 < seconds < 120
+    assert attention == "sdpa"  # "auto" on a CPU
 
 
 def test_back_pressure_bounds_waiting_frames_by_memory_not_by_a_fixed_window(settings):
