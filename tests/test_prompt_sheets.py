@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import hashlib
 import io
 from pathlib import Path
 
@@ -20,8 +21,9 @@ from catalogs.sheets import (
     sample_seed,
     variants_from_table,
 )
-from wan_engine import GenerationRequest, get_model_spec
-from wan_engine.requests import request_problems, resolve_request
+from tasks.planning import PlanningRules, plan_sheet
+from tasks.postprod.content_filter import PromptPolicy
+from tasks.postprod.profile import load_profiles
 
 SAMPLE_SHEET = Path(__file__).parent.parent / "catalogs" / "sample" / "ab_sheet.csv"
 
@@ -295,19 +297,18 @@ def test_paired_variants_share_seeds_and_every_clip_is_a_valid_request():
     assert by_id["A-studio"].seeds == by_id["B-morning"].seeds == by_id["C-from-photo"].seeds
     image = by_id["C-from-photo"].image_uri
     assert image is not None and Path(image).is_file()  # resolved against the sheet's folder
+    digests = {image: hashlib.sha256(Path(image).read_bytes()).hexdigest()}
     for variant_model in ("full", "tiny"):
-        clips = expand_variants(load_prompt_sheet(str(SAMPLE_SHEET), model_variant=variant_model).variants)
-        assert len(clips) == 18
-        for clip in clips:
-            spec = get_model_spec(clip.model, clip.model_variant)
-            request = resolve_request(
-                spec,
-                GenerationRequest(
-                    prompt=clip.prompt,
-                    seed=clip.seed,
-                    negative_prompt=clip.negative_prompt,
-                    width=clip.width,
-                    height=clip.height,
-                ),
-            )
-            assert request_problems(spec, request, has_image=clip.image_uri is not None) == []
+        # Through the planner the A/B flow uses: each clip's request passes the model's rules and its profile.
+        rules = PlanningRules(
+            variant=variant_model,
+            default_text_model="t2v-a14b",
+            default_image_model="i2v-a14b",
+            profiles=load_profiles(),
+            default_profile="standard",
+            prompt_policy=PromptPolicy.load(),
+        )
+        sheet = load_prompt_sheet(str(SAMPLE_SHEET), model_variant=variant_model)
+        plan = plan_sheet(sheet, rules, "run-sample", digests, set())
+        assert [entry.reason for entry in plan.rejected + plan.refused] == []
+        assert len(plan.clips) == len(expand_variants(sheet.variants)) == 18
