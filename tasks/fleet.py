@@ -129,7 +129,7 @@ class GeneratorActor:
     def loaded(self) -> tuple[str, float, str]:
         """The worker's name, the seconds its model took to load and warm up, and the attention kernel
         its engine runs ("auto" chooses by what is installed: what an operator checks on a slow GPU)."""
-        return self.worker, self.load_seconds, self.generator.attention_backend or "sdpa"
+        return self.worker, self.load_seconds, self.generator.attention_backend or "native"
 
     @ray.method(num_returns=2)
     def generate(self, spec: ClipSpec) -> tuple[str, GeneratedClip]:
