@@ -8,125 +8,38 @@ clips come from both.
 
 from __future__ import annotations
 
-import contextlib
 import json
-import os
-import signal
 import subprocess
-import sys
-import time
 from collections.abc import Iterator
 from dataclasses import replace
 from datetime import UTC, datetime
-from pathlib import Path
 
 import pytest
 
 from infra.objectstore import ObjectStore
 from tests.catalog_upload import upload_catalog
-from tests.net import free_ports
+from tests.ray_nodes import join_worker, live_node_ids, ray_env, short_temp_dir, start_head
 
 pytestmark = pytest.mark.usefixtures("tiny_models", "prefect_server")
 
 # Four clips: the dispatcher gives each of the two actors two at once, so both nodes make some.
 SKUS = [f"SPREAD-{index:03d}" for index in range(4)]
-# Every port a node listens on, so that two nodes on one machine (and other clusters on it) never collide.
-NODE_PORT_FLAGS = (
-    "--node-manager-port",
-    "--object-manager-port",
-    "--runtime-env-agent-port",
-    "--dashboard-agent-grpc-port",
-    "--dashboard-agent-listen-port",
-    "--metrics-export-port",
-)
-# Waits for the nodes to register, then prints their ids (a driver of its own: ray.nodes() needs one).
-WAIT_FOR_NODES = """
-import json, sys, time, ray
-ray.init(address=sys.argv[1], log_to_driver=False)
-deadline = time.monotonic() + 60
-while len(alive := [n["NodeID"] for n in ray.nodes() if n["Alive"]]) < 2 and time.monotonic() < deadline:
-    time.sleep(0.5)
-print(json.dumps(alive))
-"""
-
-
-def ray_env() -> dict[str, str]:
-    """This process's environment (with the session's WANFACTORY_* settings) for a local, token-less Ray."""
-    return {**os.environ, "RAY_AUTH_MODE": "disabled"}
-
-
-def start_node(temp_dir: Path, *flags: str) -> subprocess.Popen:
-    """`ray start --block` in a process group of its own, which holds every process of the node."""
-    ports = free_ports(len(NODE_PORT_FLAGS))
-    return subprocess.Popen(
-        [
-            "ray",
-            "start",
-            "--block",
-            "--node-ip-address=127.0.0.1",
-            "--num-cpus=1",
-            "--object-store-memory=300000000",
-            f"--temp-dir={temp_dir}",
-            "--disable-usage-stats",
-            *flags,
-            *(f"{flag}={port}" for flag, port in zip(NODE_PORT_FLAGS, ports, strict=True)),
-        ],
-        env=ray_env(),
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        start_new_session=True,
-    )
-
-
-def stop_node(node: subprocess.Popen) -> None:
-    """Stop a node's process group (`ray stop` would stop every Ray on the machine, others' included).
-
-    Some Ray processes ignore SIGTERM (NOTES), and a head's `ray start --block` at times waits on them
-    for good: SIGKILL what is left after a short grace period.
-    """
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(node.pid, signal.SIGTERM)
-    with contextlib.suppress(subprocess.TimeoutExpired):
-        node.wait(timeout=5)
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(node.pid, signal.SIGKILL)
-    node.wait(timeout=15)
 
 
 @pytest.fixture(scope="module")
-def two_nodes(tmp_path_factory) -> Iterator[tuple[str, set[str]]]:
+def two_nodes() -> Iterator[tuple[str, set[str]]]:
     """The head's address and the ids of both nodes."""
-    gcs_port, client_port = free_ports(2)
-    address = f"127.0.0.1:{gcs_port}"
-    head_flags = (
-        "--head",
-        f"--port={gcs_port}",
-        f"--ray-client-server-port={client_port}",
-        "--include-dashboard=false",
-    )
-    nodes = [start_node(tmp_path_factory.mktemp("ray-head"), *head_flags)]
-    try:
-        deadline = time.monotonic() + 90
-        while subprocess.run(
-            ["ray", "status", f"--address={address}"], env=ray_env(), capture_output=True
-        ).returncode:
-            assert nodes[0].poll() is None and time.monotonic() < deadline, "the ray head did not come up"
-            time.sleep(1)
-        nodes.append(start_node(tmp_path_factory.mktemp("ray-worker"), f"--address={address}"))
-        listed = subprocess.run(
-            [sys.executable, "-c", WAIT_FOR_NODES, address],
-            env=ray_env(),
-            capture_output=True,
-            text=True,
-            timeout=120,
-        )
-        assert listed.returncode == 0, listed.stderr[-2000:]
-        node_ids = set(json.loads(listed.stdout.strip().splitlines()[-1]))
-        assert len(node_ids) == 2, "the worker node did not join the head"
-        yield address, node_ids
-    finally:
-        for node in reversed(nodes):
-            stop_node(node)
+    with short_temp_dir() as temp_root:
+        address, head = start_head(temp_root)
+        nodes = [head]
+        try:
+            nodes.append(join_worker(temp_root, address))
+            node_ids = live_node_ids(address)
+            assert len(node_ids) == 2, node_ids
+            yield address, node_ids
+        finally:
+            for node in reversed(nodes):
+                node.stop()
 
 
 def test_actors_of_a_model_spread_over_both_nodes(two_nodes, settings):
