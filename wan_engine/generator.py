@@ -29,6 +29,7 @@ import torch
 from diffusers import AutoencoderKLWan, DiffusionPipeline, TaylorSeerCacheConfig, WanImageToVideoPipeline
 
 from wan_engine.attention import AUTO, resolve_attention_backend
+from wan_engine.memory import ExpertSlot, HostResidentModule, gpu_memory_budget, plan_memory
 from wan_engine.requests import GenerationRequest, InvalidRequestError, request_problems, resolve_request
 from wan_engine.specs import ModelSpec
 from wan_engine.weights import materialize
@@ -52,9 +53,11 @@ class EngineOptions:
     # two thirds of the time (bench/results), and float32 on a CPU, where bfloat16 is slow.
     vae_dtype: torch.dtype | None = None
     warmup: bool = True  # one short generation at load (GPU only), so the first clip is not the slow one
-    # None: keep the text encoder in host memory between clips when the experts and it would take more
-    # than TEXT_ENCODER_OFFLOAD_SHARE of the GPU (A14B on 80 GB), leaving room for activations and decode.
+    # None: decided at load from the weights' sizes and the GPU's memory (wan_engine.memory.plan_memory).
+    # The text encoder in host memory between clips (A14B on 80 GB); A14B's two experts sharing one
+    # expert's worth of GPU memory, the next one streamed in from host memory (A14B on 48 GB).
     text_encoder_offload: bool | None = None
+    expert_streaming: bool | None = None
     # Opt-in approximate modes: faster, but the frames are no longer stock diffusers' frames. Never defaults.
     # N > 1: diffusers' TaylorSeer cache hook (lite) runs the experts' blocks fully once every N steps and
     # extrapolates their output in between; each expert warms up on its own first steps.
@@ -72,7 +75,6 @@ class EngineOptions:
         return "approximate:" + "+".join(parts) if parts else "exact"
 
 
-TEXT_ENCODER_OFFLOAD_SHARE = 0.75
 # Full forwards before TaylorSeer starts extrapolating: its first-order factors need two points.
 STEP_CACHE_WARMUP_STEPS = 3
 
@@ -118,6 +120,25 @@ class WanGenerator:
         self.spec = spec
         self.device = device
         self.options = options or EngineOptions()
+        self.experts = {"high_noise": pipeline.transformer, "low_noise": pipeline.transformer_2}
+        if not spec.is_moe:
+            self.experts = {"dense": pipeline.transformer}
+        self.memory_plan = plan_memory(
+            list(self.experts.values()),
+            pipeline.text_encoder,
+            gpu_memory_budget(device),
+            stream_experts=self.options.expert_streaming,
+            offload_text_encoder=self.options.text_encoder_offload,
+        )
+        self._expert_slot: ExpertSlot | None = None
+        if self.memory_plan.stream_experts:
+            if self.options.fp8_matmuls:
+                raise ValueError(
+                    "fp8_matmuls cannot be combined with expert streaming: it rewrites the weights"
+                )
+            # Before the pipeline moves to the GPU, where both experts would not fit.
+            self._expert_slot = ExpertSlot(self.experts, device)
+            log.info("experts share one expert's worth of GPU memory model=%s", spec.name)
         self.pipeline = pipeline.to(device)
         # TI2V-5B takes text or an image: its image path needs WanImageToVideoPipeline's latent preparation.
         self._image_pipeline = pipeline
@@ -129,9 +150,6 @@ class WanGenerator:
                 boundary_ratio=None,
                 expand_timesteps=True,
             )
-        self.experts = {"high_noise": pipeline.transformer, "low_noise": pipeline.transformer_2}
-        if not spec.is_moe:
-            self.experts = {"dense": pipeline.transformer}
         self._expert_calls: Counter[str] = Counter()
         if self.options.fp8_matmuls:
             _check_fp8_device(device)
@@ -166,18 +184,13 @@ class WanGenerator:
         self._negative_cache: dict[str, torch.Tensor] = {}
         self._prepare_stream = torch.cuda.Stream(device) if device.type == "cuda" else None
         self._text_encoder_host: HostResidentModule | None = None
-        if device.type == "cuda" and self._should_offload_text_encoder():
+        if self.memory_plan.offload_text_encoder:
             self._text_encoder_host = HostResidentModule(self.pipeline.text_encoder, device)
             log.info("text encoder kept in pinned host memory between clips model=%s", spec.name)
 
     @property
     def step_cached(self) -> bool:
         return self.options.step_cache_interval > 1
-
-    def _should_offload_text_encoder(self) -> bool:
-        if self.options.text_encoder_offload is not None:
-            return self.options.text_encoder_offload
-        return text_encoder_crowds_gpu([*self.experts.values(), self.pipeline.text_encoder], self.device)
 
     def _counter(self, name: str):
         def count(module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
@@ -360,11 +373,16 @@ class WanGenerator:
             # TI2V with an image: first-frame tokens are clean (t = 0), the rest follow the schedule.
             token_timesteps = first_frame_mask[0][0][:, ::2, ::2].flatten()
 
+        names = list(self.experts)
+        expert_by_step = [
+            names[0] if index < high_noise_steps else names[-1] for index in range(len(timesteps))
+        ]
         for index, t in enumerate(timesteps):
-            if index < high_noise_steps:
-                model, guidance = pipeline.transformer, request.guidance_scale
-            else:
-                model, guidance = pipeline.transformer_2, request.guidance_scale_2
+            name = expert_by_step[index]
+            model = self.experts[name]
+            guidance = request.guidance_scale if name == names[0] else request.guidance_scale_2
+            # The expert after this step's last forward: the next step's, or the next clip's first.
+            following = expert_by_step[index + 1] if index + 1 < len(timesteps) else expert_by_step[0]
             if first_frame_mask is not None:
                 model_input = (1 - first_frame_mask) * condition + first_frame_mask * latents
                 timestep = (token_timesteps * t).unsqueeze(0)
@@ -376,6 +394,7 @@ class WanGenerator:
                 model_input, timestep = latents, t.expand(1)
             model_input = model_input.to(dtype)
             if batch == 2:
+                self._before_last_forward_of(name, following)
                 with self._cache_context(model, "guided"):
                     noise_both = model(
                         hidden_states=model_input.expand(2, -1, -1, -1, -1),
@@ -385,10 +404,9 @@ class WanGenerator:
                     )[0]
                 noise_cond, noise_uncond = noise_both.chunk(2)
             else:
-                noise_cond, noise_uncond = (
-                    self._forward_in_context(model, name, model_input, timestep, text)
-                    for name, text in (("cond", positive), ("uncond", negative))
-                )
+                noise_cond = self._forward_in_context(model, "cond", model_input, timestep, positive)
+                self._before_last_forward_of(name, following)
+                noise_uncond = self._forward_in_context(model, "uncond", model_input, timestep, negative)
             noise = noise_uncond + guidance * (noise_cond - noise_uncond)
             latents = scheduler.step(noise, t, latents, return_dict=False)[0]
 
@@ -398,6 +416,12 @@ class WanGenerator:
         if first_frame_mask is not None:
             latents = (1 - first_frame_mask) * condition + first_frame_mask * latents
         return latents
+
+    def _before_last_forward_of(self, running: str, following: str) -> None:
+        """With streamed experts, the next forward is ``running``'s last before ``following`` runs:
+        ``following``'s weights are copied in while it runs (wan_engine.memory.ExpertSlot)."""
+        if self._expert_slot is not None and following != running:
+            self._expert_slot.stream_during_next_forward(following)
 
     def _cache_context(self, model: torch.nn.Module, name: str) -> AbstractContextManager:
         """The cache hooks keep one state per named call; without them there is nothing to name."""
@@ -435,40 +459,6 @@ class WanGenerator:
         """The hand-back: uint8 frames on the host, rounded as diffusers' postprocessing plus our cast."""
         video = ((video[0].float() / 2 + 0.5).clamp(0, 1) * 255).round().to(torch.uint8)
         return video.permute(1, 2, 3, 0).contiguous().cpu().numpy()
-
-
-def text_encoder_crowds_gpu(modules: list[torch.nn.Module | None], device: torch.device) -> bool:
-    """Whether the experts and text encoder (``modules``) would fill more than
-    TEXT_ENCODER_OFFLOAD_SHARE of the GPU, leaving too little for activations and decode."""
-    if device.type != "cuda":
-        return False
-    weights = sum(p.numel() * p.element_size() for m in modules if m is not None for p in m.parameters())
-    return weights > TEXT_ENCODER_OFFLOAD_SHARE * torch.cuda.get_device_properties(device).total_memory
-
-
-class HostResidentModule:
-    """A module whose weights live in pinned host memory and visit the GPU only while it runs.
-
-    The weights never change, so offloading just drops the GPU copies: no copy back. Loading from
-    pinned memory runs at PCIe speed (an 11 GB umT5-XXL in well under a second on a Hopper host).
-    """
-
-    def __init__(self, module: torch.nn.Module, device: torch.device) -> None:
-        self.module, self.device = module, device
-        self.host = {name: t.detach().to("cpu").pin_memory() for name, t in self._tensors()}
-        self.offload()
-
-    def _tensors(self):
-        yield from self.module.named_parameters()
-        yield from self.module.named_buffers()
-
-    def load(self) -> None:
-        for name, tensor in self._tensors():
-            tensor.data = self.host[name].to(self.device, non_blocking=True)
-
-    def offload(self) -> None:
-        for name, tensor in self._tensors():
-            tensor.data = self.host[name]
 
 
 def _check_fp8_device(device: torch.device) -> None:
