@@ -41,7 +41,7 @@ from transformers import UMT5Config, UMT5EncoderModel
 
 from wan_engine import EngineOptions, GenerationRequest, WanGenerator, get_model_spec
 from wan_engine.attention import FLASH_ATTENTION_BACKEND, resolve_attention_backend
-from wan_engine.memory import gpu_memory_budget, plan_memory
+from wan_engine.memory import ExpertSlot, gpu_memory_budget, plan_memory
 from wan_engine.random_weights import build_tokenizer
 from wan_engine.specs import ModelSpec
 
@@ -576,6 +576,42 @@ def memory_check(config_name: str, steps: int, out_dir: Path, gpu_memory_gib: fl
     return result
 
 
+def streaming_check(config_name: str, steps: int, out_dir: Path) -> dict:
+    """Are streamed experts bitwise the resident ones? One generator runs the same clip twice with
+    both experts resident (is a GPU run repeatable at all?), then twice with the same weights moved
+    into an ExpertSlot, streamed at each switch."""
+    config = CONFIGS[config_name]
+    spec = get_model_spec(config.family)
+    generator = WanGenerator(pipeline_for(spec, build_components(spec)), spec, DEVICE, EngineOptions())
+    request = clip_request(config, steps)
+    generator.generate(replace(request, steps=generator.warmup_steps()))  # compile at this size
+
+    def latents() -> torch.Tensor:
+        with torch.inference_mode():
+            return generator.denoise(generator.validate(request))
+
+    resident = [latents(), latents()]
+    result = {
+        "config": config_name,
+        "device": device_name(),
+        "steps_run": steps,
+        "resident_repeat_equal": bool(torch.equal(*resident)),
+        "resident_repeat_rel_error": relative_error(resident[1], resident[0]),
+    }
+    print(json.dumps(result), flush=True)
+    generator._expert_slot = ExpertSlot(generator.experts, DEVICE)
+    streamed = [latents(), latents()]
+    result |= {
+        "streamed_repeat_equal": bool(torch.equal(*streamed)),
+        "streamed_equal_resident": bool(torch.equal(streamed[0], resident[0])),
+        "streamed_vs_resident_rel_error": relative_error(streamed[0], resident[0]),
+    }
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / f"engine-streaming-{config_name}.json").write_text(json.dumps(result, indent=1))
+    print(json.dumps(result, indent=1), flush=True)
+    return result
+
+
 def throughput_check(config_name: str, out_dir: Path, clips_per_forward: tuple[int, ...] = (1, 2)) -> dict:
     """Does putting several clips in one forward raise clips per hour? Per-clip step time by batch.
 
@@ -730,6 +766,12 @@ def main() -> None:
         help="with --memory-check: use only this much GPU memory, as on a smaller card",
     )
     parser.add_argument(
+        "--streaming-check",
+        type=int,
+        metavar="STEPS",
+        help="streamed experts against resident ones, bit for bit",
+    )
+    parser.add_argument(
         "--throughput", action="store_true", help="per-clip step time, 1 vs 2 clips per forward"
     )
     parser.add_argument(
@@ -751,6 +793,8 @@ def main() -> None:
         approximate_study(args.config, args.out, "tiny" if args.tiny else "full", args.modes)
     elif args.throughput:
         throughput_check(args.config, args.out)
+    elif args.streaming_check:
+        streaming_check(args.config, args.streaming_check, args.out)
     elif args.memory_check:
         memory_check(args.config, args.memory_check, args.out, args.gpu_memory_gib)
     elif args.error_study:
