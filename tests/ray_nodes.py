@@ -150,11 +150,12 @@ _WAIT_FOR_NODES = """
 import json, sys, time, ray
 address, at_least, wait_s = sys.argv[1], int(sys.argv[2]), float(sys.argv[3])
 ray.init(address=address, log_to_driver=False)
+def alive():
+    return [node["NodeID"] for node in ray.nodes() if node["Alive"]]
 deadline = time.monotonic() + wait_s
-while len(alive := [n["NodeID"] for n in ray.nodes() if n["Alive"]]) < at_least \
-        and time.monotonic() < deadline:
+while len(alive()) < at_least and time.monotonic() < deadline:
     time.sleep(0.5)
-print(json.dumps(alive))
+print(json.dumps(alive()))
 """
 
 

@@ -137,3 +137,9 @@ def test_text_encoder_between_clips_lives_in_host_copies(t2v_folder):
     host = offloaded._text_encoder_host.host.tensors
     encoder = offloaded.pipeline.text_encoder
     assert all(p.data_ptr() == host[name].data_ptr() for name, p in encoder.named_parameters())
+
+
+def test_fp8_and_expert_streaming_are_refused_together(t2v_folder):
+    # FP8 rewrites the weights the slot copies in: the combination fails at load, not mid-clip.
+    with pytest.raises(ValueError, match="cannot be combined with expert streaming"):
+        load(t2v_folder, expert_streaming=True, fp8_matmuls=True)
