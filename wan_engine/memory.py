@@ -118,6 +118,17 @@ class HostCopies:
         return copy
 
 
+def move_to_host(module: torch.nn.Module) -> HostCopies:
+    """Host copies of ``module``'s parameters and buffers, which then point at them.
+
+    Tensor by tensor, each original dropped as its copy is made: never both copies of the weights.
+    """
+    copies = HostCopies(_tensors(module))
+    for name, tensor in _tensors(module):
+        tensor.data = copies.store(name, tensor)
+    return copies
+
+
 class HostResidentModule:
     """A module whose weights live in pinned host memory and visit the GPU only while it runs.
 
@@ -127,9 +138,7 @@ class HostResidentModule:
 
     def __init__(self, module: torch.nn.Module, device: torch.device) -> None:
         self.module, self.device = module, device
-        self.host = HostCopies(_tensors(module))
-        for name, tensor in _tensors(module):
-            tensor.data = self.host.store(name, tensor)  # tensor by tensor: no peak of both copies
+        self.host = move_to_host(module)
 
     def load(self) -> None:
         for name, tensor in _tensors(self.module):
@@ -174,11 +183,7 @@ class ExpertSlot:
         if len({tuple(s.items()) for s in shapes.values()}) != 1:
             raise ValueError(f"experts {sorted(experts)} differ in architecture: they cannot share a slot")
         self.device = device
-        self.host: dict[str, HostCopies] = {}
-        for name, module in experts.items():
-            self.host[name] = HostCopies(_tensors(module))
-            for key, tensor in _tensors(module):
-                tensor.data = self.host[name].store(key, tensor)  # tensor by tensor: no peak of both copies
+        self.host = {name: move_to_host(module) for name, module in experts.items()}
         first = next(iter(self.host.values())).tensors
         self.slot = {key: torch.empty_like(t, device=device) for key, t in first.items()}
         self._block_keys = [
