@@ -41,7 +41,7 @@ from transformers import UMT5Config, UMT5EncoderModel
 
 from wan_engine import EngineOptions, GenerationRequest, WanGenerator, get_model_spec
 from wan_engine.attention import FLASH_ATTENTION_BACKEND, resolve_attention_backend
-from wan_engine.memory import ExpertSlot, gpu_memory_budget, plan_memory
+from wan_engine.memory import ExpertSlot, gpu_memory_budget, plan_memory, weight_bytes
 from wan_engine.random_weights import build_tokenizer
 from wan_engine.specs import ModelSpec
 
@@ -564,7 +564,7 @@ def memory_check(config_name: str, steps: int, out_dir: Path, gpu_memory_gib: fl
         start = sync_time()
         slot._fill("low_noise")
         result["whole_expert_copy_s"] = round(sync_time() - start, 3)
-        result["expert_gib"] = round(sum(t.numel() * t.element_size() for t in slot.slot.values()) / 2**30, 1)
+        result["expert_gib"] = round(weight_bytes([generator.experts["low_noise"]]) / 2**30, 1)
         # The same clip with every switch a whole copy before the expert runs (nothing streamed).
         slot.stream_during_next_forward = lambda name: None
         reference, unstreamed = clip()
