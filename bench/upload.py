@@ -55,6 +55,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.postprocess import spec_for
 from infra.object_store_server import CephObjectStore, ObjectStoreServerConfig, read_pid_file
 from infra.objectstore import ObjectStore
+from infra.processes import free_ports
 from infra.settings import ObjectStoreConfig
 from tasks.encode import encode_mp4, encode_thumbnail
 from tasks.postprod.chain import DELIVERY_CRF
@@ -62,7 +63,6 @@ from tasks.postprod.preview import write_preview
 from tasks.postprod.profile import load_profiles
 from tasks.publish import publish_clip
 from tasks.records import FinishedClip, GeneratedClip
-from tests.net import free_ports
 
 BUCKET = "wanfactory-bench"
 PROFILE = "standard"

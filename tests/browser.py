@@ -24,7 +24,7 @@ from pathlib import Path
 
 import httpx
 
-from tests.net import free_ports
+from infra.processes import free_ports
 
 # Runs in the UI process: only the UI app, so no database, no migrations and no services race the
 # harness server, which owns the SQLite file.

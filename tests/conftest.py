@@ -14,8 +14,8 @@ import pytest
 
 from infra.object_store_server import CephObjectStore, ObjectStoreServerConfig
 from infra.objectstore import ObjectStore
+from infra.processes import free_ports
 from infra.settings import Settings
-from tests.net import free_ports
 
 TEST_BUCKET = "wanfactory-test"
 

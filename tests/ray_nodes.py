@@ -17,7 +17,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-from tests.net import free_ports
+from infra.processes import free_ports
 
 # Every port a node listens on besides the head's GCS and client ports.
 NODE_PORT_FLAGS = (

@@ -21,7 +21,7 @@ import torch.multiprocessing as mp
 from diffusers import WanTransformer3DModel
 from PIL import Image
 
-from tests.net import free_ports
+from infra.processes import free_ports
 from wan_engine import GenerationRequest, WanGenerator, get_model_spec, save_random_pipeline
 from wan_engine.generator import EngineOptions
 from wan_engine.parallel import context_parallel_degrees, enable_context_parallel

@@ -14,7 +14,7 @@ from minio import Minio
 from minio.error import S3Error
 
 from infra.object_store_server import CephObjectStore, ObjectStoreServerConfig
-from tests.net import free_ports
+from infra.processes import free_ports
 
 ACCESS_KEY = "test-access"
 SECRET_KEY = "test-secret-key"

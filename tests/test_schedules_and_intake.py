@@ -39,9 +39,9 @@ from prefect.states import Cancelled, Pending
 
 from flows.intake import AB_DEPLOYMENT, ACCEPTED_PREFIX, INTAKE_PREFIX, REJECTED_PREFIX, intake_watcher
 from flows.serve import DEPLOYMENTS, INTAKE_DEPLOYMENT, NIGHTLY_DEPLOYMENT, ab_deployment, deployments
+from infra.processes import free_ports
 from infra.settings import Settings
 from infra.stack import SERVED_DEPLOYMENTS
-from tests.net import free_ports
 
 # Asia/Kathmandu is UTC+05:45: a cron minute there falls on another minute in UTC, so runs on the
 # cron's times prove that the scheduler read the cron in the deployment's time zone.

@@ -1,4 +1,4 @@
-"""Ports for the services the tests start."""
+"""Local processes: free ports for the services we start."""
 
 from __future__ import annotations
 
