@@ -12,8 +12,6 @@ from pathlib import Path
 import ffmpeg
 import numpy as np
 
-from tasks.records import FinishedClip, GeneratedClip
-
 
 class EncodeError(RuntimeError):
     """ffmpeg refused the frames; the message carries the end of its log."""
@@ -63,15 +61,3 @@ def encode_thumbnail(frames: np.ndarray, path: Path, quality: int = 3) -> Path:
     _run(output, middle)
     return path
 
-
-def encode_clip(generated: GeneratedClip, out_dir: Path) -> FinishedClip:
-    """Encode a generated clip's video and thumbnail under ``out_dir``."""
-    spec, frames = generated.spec, generated.frames
-    if frames is None:
-        raise EncodeError(f"clip {spec.clip_id} has no frames")
-    out_dir.mkdir(parents=True, exist_ok=True)
-    video = encode_mp4(frames, generated.fps, out_dir / f"{spec.clip_id}.mp4")
-    thumbnail = encode_thumbnail(frames, out_dir / f"{spec.clip_id}.jpg")
-    return FinishedClip(
-        spec, video, thumbnail, frame_count=len(frames), fps=generated.fps, generated=generated
-    )
