@@ -10,7 +10,7 @@ from transformers import UMT5Config, UMT5EncoderModel
 
 from wan_engine import GenerationRequest, WanGenerator, get_model_spec, save_random_pipeline
 from wan_engine.generator import EngineOptions
-from wan_engine.memory import ExpertSlot, MemoryPlan, plan_memory, weight_bytes
+from wan_engine.memory import MemoryPlan, plan_memory, weight_bytes
 
 # What torch reports as total_memory on each GPU.
 H200_BYTES = 150_110_011_392
@@ -80,41 +80,28 @@ def load_resident(folder, **options) -> WanGenerator:
     return generator
 
 
-def count_whole_copies(slot: ExpertSlot) -> list[str]:
-    """The experts copied in whole before they ran (not streamed during the previous forward)."""
-    copied = []
-    fill = slot._fill
-
-    def counted(name: str) -> None:
-        copied.append(name)
-        fill(name)
-
-    slot._fill = counted
-    return copied
-
-
 @pytest.mark.parametrize("batch_guidance", [True, False])
 def test_streamed_experts_share_one_slot_and_give_the_same_frames(t2v_folder, batch_guidance):
     resident = load_resident(t2v_folder, batch_guidance=batch_guidance)
     streamed = load(t2v_folder, batch_guidance=batch_guidance, expert_streaming=True)
-    assert resident.memory_plan.stream_experts is False and streamed._expert_slot is not None
+    assert resident.memory_plan.stream_experts is False and streamed.expert_slot is not None
     high, low = (dict(streamed.experts[name].named_parameters()) for name in ("high_noise", "low_noise"))
     assert all(high[key].data_ptr() == low[key].data_ptr() for key in high)  # one set of weights in memory
-    whole_copies = count_whole_copies(streamed._expert_slot)
     request = GenerationRequest(prompt="a red sneaker on a turntable", seed=11, steps=12)
     for _ in range(2):  # the second clip starts on the expert streamed back in during the first's last step
         ours, reference = streamed.generate(request), resident.generate(request)
         assert np.array_equal(ours.frames, reference.frames)
         assert ours.expert_calls == reference.expert_calls
         assert ours.expert_calls["high_noise"] > 0 and ours.expert_calls["low_noise"] > 0
-    assert whole_copies == []  # every switch was streamed during the previous forward
-    assert streamed._expert_slot.holder == "high_noise"  # ready for the next clip
+    # Every switch was streamed during the previous forward: none was a whole copy before its expert ran.
+    assert streamed.expert_slot.unstreamed_switches == 0
+    assert streamed.expert_slot.holder == "high_noise"  # ready for the next clip
 
 
 def test_an_expert_run_out_of_turn_is_copied_in_whole(t2v_folder):
     resident = load_resident(t2v_folder)
     streamed = load(t2v_folder, expert_streaming=True)
-    whole_copies = count_whole_copies(streamed._expert_slot)
+    slot = streamed.expert_slot
     torch.manual_seed(0)
     inputs = {
         "hidden_states": torch.randn(1, 16, 5, 8, 12),
@@ -123,10 +110,24 @@ def test_an_expert_run_out_of_turn_is_copied_in_whole(t2v_folder):
         "return_dict": False,
     }
     with torch.inference_mode():
-        for name in ("low_noise", "high_noise", "low_noise"):
+        for runs, name in enumerate(("low_noise", "high_noise", "low_noise"), start=1):
             ours, reference = streamed.experts[name](**inputs)[0], resident.experts[name](**inputs)[0]
             assert torch.equal(ours, reference), name
-    assert whole_copies == ["low_noise", "high_noise", "low_noise"]
+            assert slot.unstreamed_switches == runs, name  # copied in whole before it ran
+
+
+def test_a_resident_generator_streams_its_experts_on_request(t2v_folder):
+    # As bench/engine's streaming check does: resident first, then the same weights streamed.
+    generator = load_resident(t2v_folder)
+    request = GenerationRequest(prompt="a red sneaker on a turntable", seed=5, steps=6)
+    resident = generator.generate(request)
+    slot = generator.stream_experts()
+    assert generator.expert_slot is slot and generator.memory_plan.stream_experts
+    assert np.array_equal(generator.generate(request).frames, resident.frames)
+    assert slot.unstreamed_switches == 0
+    slot.streaming = False  # the switch to the low-noise expert is a whole copy before it runs
+    assert np.array_equal(generator.generate(request).frames, resident.frames)
+    assert slot.unstreamed_switches == 1
 
 
 def test_text_encoder_between_clips_lives_in_host_copies(t2v_folder):
@@ -134,7 +135,7 @@ def test_text_encoder_between_clips_lives_in_host_copies(t2v_folder):
     offloaded = load(t2v_folder, text_encoder_offload=True, expert_streaming=True)
     request = GenerationRequest(prompt="a red sneaker on a turntable", seed=4, steps=6)
     assert np.array_equal(offloaded.generate(request).frames, resident.generate(request).frames)
-    host = offloaded._text_encoder_host.host.tensors
+    host = offloaded.text_encoder_host.host.tensors
     encoder = offloaded.pipeline.text_encoder
     assert all(p.data_ptr() == host[name].data_ptr() for name, p in encoder.named_parameters())
 

@@ -20,7 +20,7 @@ import logging
 import time
 from collections import Counter
 from contextlib import AbstractContextManager, nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -132,13 +132,7 @@ class WanGenerator:
         )
         self._expert_slot: ExpertSlot | None = None
         if self.memory_plan.stream_experts:
-            if self.options.fp8_matmuls:
-                raise ValueError(
-                    "fp8_matmuls cannot be combined with expert streaming: it rewrites the weights"
-                )
-            # Before the pipeline moves to the GPU, where both experts would not fit.
-            self._expert_slot = ExpertSlot(self.experts, device)
-            log.info("experts share one expert's worth of GPU memory model=%s", spec.name)
+            self.stream_experts()  # before the pipeline moves to the GPU, where both experts would not fit
         self.pipeline = pipeline.to(device)
         # TI2V-5B takes text or an image: its image path needs WanImageToVideoPipeline's latent preparation.
         self._image_pipeline = pipeline
@@ -191,6 +185,34 @@ class WanGenerator:
     @property
     def step_cached(self) -> bool:
         return self.options.step_cache_interval > 1
+
+    @property
+    def expert_slot(self) -> ExpertSlot | None:
+        """The one expert's worth of GPU memory both experts share when they are streamed, else None."""
+        return self._expert_slot
+
+    @property
+    def text_encoder_host(self) -> HostResidentModule | None:
+        """The text encoder's pinned host copies when it lives in host memory between clips, else None."""
+        return self._text_encoder_host
+
+    def stream_experts(self) -> ExpertSlot:
+        """From now on the experts share one slot, the next one streamed in at each switch
+        (wan_engine.memory.ExpertSlot), as when the memory plan chooses it at load; returns the slot.
+
+        On a generator loaded with both experts resident, it compares the two ways on the same weights.
+        """
+        if self._expert_slot is None:
+            if self.options.fp8_matmuls:
+                raise ValueError(
+                    "fp8_matmuls cannot be combined with expert streaming: it rewrites the weights"
+                )
+            if len(self.experts) < 2:
+                raise ValueError("expert streaming needs a model of two experts (A14B); this one has one")
+            self._expert_slot = ExpertSlot(self.experts, self.device)
+            self.memory_plan = replace(self.memory_plan, stream_experts=True)
+            log.info("experts share one expert's worth of GPU memory model=%s", self.spec.name)
+        return self._expert_slot
 
     def _counter(self, name: str):
         def count(module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
@@ -446,19 +468,22 @@ class WanGenerator:
 
     def decode_video(self, latents: torch.Tensor) -> torch.Tensor:
         """The VAE's video, ``(1, 3, frames, height, width)`` in [-1, 1], from final latents."""
-        vae = self.pipeline.vae
-        latents = latents.to(vae.dtype)
-        mean = torch.tensor(vae.config.latents_mean, device=latents.device, dtype=latents.dtype)
-        std = torch.tensor(vae.config.latents_std, device=latents.device, dtype=latents.dtype)
-        return vae.decode(latents * std.view(1, -1, 1, 1, 1) + mean.view(1, -1, 1, 1, 1), return_dict=False)[
-            0
-        ]
+        return decode_latents(self.pipeline.vae, latents)
 
     @staticmethod
     def to_frames(video: torch.Tensor) -> np.ndarray:
         """The hand-back: uint8 frames on the host, rounded as diffusers' postprocessing plus our cast."""
         video = ((video[0].float() / 2 + 0.5).clamp(0, 1) * 255).round().to(torch.uint8)
         return video.permute(1, 2, 3, 0).contiguous().cpu().numpy()
+
+
+def decode_latents(vae: AutoencoderKLWan, latents: torch.Tensor) -> torch.Tensor:
+    """``vae``'s video, ``(1, 3, frames, height, width)`` in [-1, 1], from final latents: cast to the
+    VAE's dtype and scaled back by its ``latents_mean`` / ``latents_std`` first, as the pipelines do."""
+    latents = latents.to(vae.dtype)
+    mean = torch.tensor(vae.config.latents_mean, device=latents.device, dtype=latents.dtype)
+    std = torch.tensor(vae.config.latents_std, device=latents.device, dtype=latents.dtype)
+    return vae.decode(latents * std.view(1, -1, 1, 1, 1) + mean.view(1, -1, 1, 1, 1), return_dict=False)[0]
 
 
 def _check_fp8_device(device: torch.device) -> None:

@@ -175,7 +175,8 @@ class ExpertSlot:
     :meth:`stream_during_next_forward` before the current expert's last forward of a clip, it copies
     each block of the next expert as soon as that block's last kernels are enqueued, so the switch
     waits only for the tail of the copy instead of a whole expert (28 GB, over a second over PCIe).
-    An expert that runs without having been streamed in is copied in whole before it runs.
+    An expert that runs without having been streamed in is copied in whole before it runs
+    (:attr:`unstreamed_switches` counts those); with :attr:`streaming` off, every switch is.
     """
 
     def __init__(self, experts: dict[str, torch.nn.Module], device: torch.device) -> None:
@@ -195,18 +196,24 @@ class ExpertSlot:
         self.holder: str | None = None  # the expert whose weights are (or will be) in the slot
         self._incoming: str | None = None  # the expert streamed in during the running forward
         self._ready: torch.cuda.Event | None = None  # set when the slot's last copy has landed
+        # Off: nothing is streamed, each switch copies the next expert in whole before it runs (what
+        # streaming saves, for benchmarks). The results are the same either way.
+        self.streaming = True
+        # Switches to an expert that was not streamed in, copied in whole before it ran.
+        self.unstreamed_switches = 0
         for name, module in experts.items():
             for key, tensor in _tensors(module):
                 tensor.data = self.slot[key]
             module.blocks = _ObservedBlocks(module.blocks, self._block_enqueued)
             module.register_forward_pre_hook(self._before_forward(name))
             module.register_forward_hook(self._after_forward)
-        self._fill(next(iter(experts)))
+        self.copy_whole(next(iter(experts)))
 
     def stream_during_next_forward(self, name: str) -> None:
         """Copy expert ``name`` into the slot while the holder runs its next forward, its last one
-        before ``name`` is needed (the next forward must be the holder's)."""
-        if name != self.holder:
+        before ``name`` is needed (the next forward must be the holder's); not when :attr:`streaming`
+        is off."""
+        if self.streaming and name != self.holder:
             self._incoming = name
 
     def _copy(self, name: str, keys: list[str]) -> None:
@@ -226,7 +233,9 @@ class ExpertSlot:
         if self._copy_stream is not None:
             self._ready = self._copy_stream.record_event()
 
-    def _fill(self, name: str) -> None:
+    def copy_whole(self, name: str) -> None:
+        """Copy all of expert ``name`` into the slot now (on a GPU: enqueued, and the next forward
+        waits for it)."""
         self._copy(name, list(self.slot))
         self._landed(name)
 
@@ -238,7 +247,8 @@ class ExpertSlot:
         def before(module: torch.nn.Module, args: tuple) -> None:
             if name != self.holder:
                 self._incoming = None  # streaming was not armed for this expert's run: copy it whole
-                self._fill(name)
+                self.unstreamed_switches += 1
+                self.copy_whole(name)
             if self._ready is not None:
                 # The compute stream waits on the GPU for the copy; the host does not.
                 torch.cuda.current_stream(self.device).wait_event(self._ready)
