@@ -1,6 +1,6 @@
 """Upload benchmark: publishing clips to the real S3 server (Ceph RGW), through the project's own code path.
 
-    python3 bench/upload.py --out bench/results
+    python3 -m bench.upload --out bench/results
 
 The fleet benchmark runs on a GPU machine where the real object store cannot run; this measures the
 upload side on the CPU machine instead. It
@@ -36,7 +36,6 @@ import platform
 import secrets
 import statistics
 import subprocess
-import sys
 import tempfile
 import threading
 import time
@@ -50,12 +49,11 @@ from minio import Minio
 from minio.helpers import get_part_info
 from pydantic import SecretStr
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
+from bench.common import cpu_name
 from bench.postprocess import spec_for
-from infra.object_store_server import CephObjectStore, ObjectStoreServerConfig, read_pid_file
+from infra.object_store_server import CephObjectStore, ObjectStoreServerConfig
 from infra.objectstore import ObjectStore
-from infra.processes import free_ports
+from infra.processes import free_ports, read_pid_file
 from infra.settings import ObjectStoreConfig
 from tasks.encode import encode_mp4, encode_thumbnail
 from tasks.postprod.chain import DELIVERY_CRF
@@ -352,13 +350,6 @@ def store_version() -> str:
     return f"ceph-rgw {words[2]} ({words[4]})" if len(words) > 4 else f"ceph-rgw {out.strip()}"
 
 
-def cpu_model() -> str:
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return platform.processor()
-
-
 def fleet_context(
     payloads: dict[str, ClipFiles], publish_s: dict[str, float], gpus: int, per_gpu_hour: tuple[int, int]
 ) -> dict:
@@ -478,7 +469,7 @@ def run(
     result = {
         "date": dt.date.today().isoformat(),
         "device": {
-            "cpu": cpu_model(),
+            "cpu": cpu_name(),
             "cores": os.cpu_count(),
             "host": platform.node(),
             "load_average_start": round(load_start, 2),

@@ -19,23 +19,21 @@ process that started them; a later process finds them again through the pid file
 
 from __future__ import annotations
 
-import contextlib
 import fcntl
 import hashlib
 import json
 import logging
 import os
 import shutil
-import signal
 import subprocess
 import time
-import urllib.error
-import urllib.request
 import uuid
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+
+from infra.processes import Service, ServiceError, http_ok, tail, wait_until
 
 log = logging.getLogger(__name__)
 
@@ -54,7 +52,7 @@ S3_UID = "wanfactory"
 _MAX_RUN_DIR_LEN = 80
 
 
-class ObjectStoreError(RuntimeError):
+class ObjectStoreError(ServiceError):
     """The object store could not be set up, started or stopped."""
 
 
@@ -95,76 +93,25 @@ _RGW = _Daemon("radosgw", "client.rgw.a", ("-n", "client.rgw.a"))
 _DAEMONS = (_MON, _OSD, _RGW)
 
 
-def pid_alive(pid: int) -> bool:
-    """True while ``pid`` is a live process (a zombie counts as dead; our own zombie child is reaped)."""
-    with contextlib.suppress(ChildProcessError):  # not our child: only its parent (or init) reaps it
-        os.waitpid(pid, os.WNOHANG)
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return False
-    # The state letter follows the command name, which is in parentheses and may contain spaces.
-    return stat.rpartition(")")[2].split()[0] not in ("Z", "X")
-
-
-def pid_cmdline(pid: int) -> list[str]:
-    """The argv of ``pid``, or [] if it is gone."""
-    try:
-        raw = Path(f"/proc/{pid}/cmdline").read_bytes()
-    except OSError:
-        return []
-    return [part.decode(errors="replace") for part in raw.split(b"\0") if part]
-
-
-def read_pid_file(path: Path) -> int | None:
-    try:
-        return int(path.read_text().strip())
-    except (OSError, ValueError):
-        return None
-
-
-def terminate_pid(pid: int, what: str, timeout: float, group: bool = False) -> None:
-    """SIGTERM ``pid`` (its whole process group if ``group``), then SIGKILL if it outlives ``timeout``."""
-    kill = os.killpg if group else os.kill
-    for sig in (signal.SIGTERM, signal.SIGKILL):
-        try:
-            kill(pid, sig)
-        except ProcessLookupError:
-            return
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if not pid_alive(pid):
-                log.info("process stopped what=%s pid=%d signal=%s", what, pid, sig.name)
-                return
-            time.sleep(0.1)
-        log.warning(
-            "process ignored signal what=%s pid=%d signal=%s timeout_s=%s", what, pid, sig.name, timeout
-        )
-    raise ObjectStoreError(f"{what} (pid {pid}) survived SIGKILL")
-
-
-def tail(path: Path, lines: int = 30, skip: Callable[[str], bool] = lambda line: False) -> str:
-    """The last ``lines`` non-blank lines of a log file, leaving out those ``skip`` rejects."""
-    try:
-        text = path.read_text(errors="replace")
-        kept = [line for line in text.splitlines() if line.strip() and not skip(line)]
-    except OSError:
-        return f"(no {path})"
-    return "\n".join(kept[-lines:])
-
-
 def _rocksdb_noise(line: str) -> bool:
     # A daemon that exits dumps pages of rocksdb statistics: keep only Ceph's own timestamped lines.
     return not line[:4].isdigit() or " rocksdb: " in line
 
 
-def http_ok(url: str, timeout: float = 2.0) -> bool:
-    """True if an anonymous GET of ``url`` answers 200."""
-    try:
-        with urllib.request.urlopen(url, timeout=timeout) as response:
-            return response.status == 200
-    except (urllib.error.URLError, OSError):
-        return False
+@dataclass(frozen=True, kw_only=True)
+class _DaemonProcess(Service):
+    """A daemon of one cluster: its launcher's output in ``log_path`` (``*.out``), its own log beside it."""
+
+    binary: str
+    daemon_log: Path
+    data_dir: Path
+
+    def failure(self, why: str) -> ObjectStoreError:
+        return ObjectStoreError(
+            f"object store: {self.binary} ({self.name}) failed to start: {why}; data in {self.data_dir}\n"
+            f"--- {self.log_path} (tail) ---\n{tail(self.log_path)}\n"
+            f"--- {self.daemon_log} (tail) ---\n{tail(self.daemon_log, skip=_rocksdb_noise)}"
+        )
 
 
 class CephObjectStore:
@@ -183,6 +130,25 @@ class CephObjectStore:
                 f"data_dir {self.data_dir} is too long: admin socket paths under it would exceed the "
                 f"108-byte unix socket limit; use a path under {_MAX_RUN_DIR_LEN - 4} characters"
             )
+        self._processes = {daemon: self._daemon_process(daemon) for daemon in _DAEMONS}
+
+    def _daemon_process(self, daemon: _Daemon) -> _DaemonProcess:
+        conf = str(self.conf_path)
+
+        def is_ours(cmdline: list[str]) -> bool:
+            return bool(cmdline) and Path(cmdline[0]).name == daemon.binary and conf in cmdline
+
+        return _DaemonProcess(
+            name=daemon.name,
+            # Written by the daemon itself (the conf's pid file), once it forked into the background.
+            pid_file=self.run_dir / f"{daemon.name}.pid",
+            log_path=self.log_dir / f"{daemon.name}.out",
+            is_ours=is_ours,
+            error=ObjectStoreError,
+            binary=daemon.binary,
+            daemon_log=self.log_dir / f"{daemon.name}.log",
+            data_dir=self.data_dir,
+        )
 
     @property
     def endpoint(self) -> str:
@@ -199,7 +165,7 @@ class CephObjectStore:
             if self._all_daemons_alive() and self.is_running():
                 log.info("object store already running endpoint=%s", self.endpoint)
                 return
-            if any(self._daemon_pid(daemon) for daemon in _DAEMONS):
+            if any(process.running() for process in self._processes.values()):
                 # Half a cluster (e.g. after a crash): restart all of it so the start order holds.
                 log.warning("object store partly running, restarting data_dir=%s", self.data_dir)
                 self._stop(timeout=30)
@@ -236,10 +202,7 @@ class CephObjectStore:
 
     def _stop(self, timeout: float) -> None:
         for daemon in reversed(_DAEMONS):
-            pid = self._daemon_pid(daemon)
-            if pid is not None:
-                terminate_pid(pid, daemon.name, timeout)
-            (self.run_dir / f"{daemon.name}.pid").unlink(missing_ok=True)
+            self._processes[daemon].stop(timeout)
 
     @contextmanager
     def _locked(self) -> Iterator[None]:
@@ -479,66 +442,25 @@ log file = {d}/log/$name.log
 
     def _launch(self, daemon: _Daemon, deadline: float) -> None:
         """Start one daemon; it forks into the background and writes its pid file."""
-        pid_file = self.run_dir / f"{daemon.name}.pid"
-        pid_file.unlink(missing_ok=True)
         env = self._env()
         if daemon is _RGW:
             env["MALLOC_ARENA_MAX"] = "2"  # glibc's per-thread arenas otherwise inflate rgw's RSS
-        out_path = self.log_dir / f"{daemon.name}.out"
         argv = [daemon.binary, "-c", str(self.conf_path), *daemon.args]
-        with out_path.open("ab") as out:
-            try:
-                # The launcher returns once the daemon forked; a session of its own detaches it from ours.
-                launcher = subprocess.run(
-                    argv,
-                    check=False,
-                    env=env,
-                    stdin=subprocess.DEVNULL,
-                    stdout=out,
-                    stderr=subprocess.STDOUT,
-                    start_new_session=True,
-                    timeout=max(deadline - time.monotonic(), 1),
-                )
-            except subprocess.TimeoutExpired:
-                raise self._daemon_error(daemon, "its launcher did not return") from None
-        if launcher.returncode != 0:
-            raise self._daemon_error(daemon, f"it exited with status {launcher.returncode}")
-        while (pid := self._daemon_pid(daemon)) is None:
-            if time.monotonic() > deadline:
-                raise self._daemon_error(daemon, "it wrote no pid file or died right away")
-            time.sleep(0.1)
+        pid = self._processes[daemon].start(
+            argv, env, daemonizes=True, timeout=max(deadline - time.monotonic(), 1)
+        )
         log.info("ceph daemon started daemon=%s pid=%d", daemon.name, pid)
 
-    def _daemon_pid(self, daemon: _Daemon) -> int | None:
-        """The pid of ``daemon`` if alive and really ours (pid files outlive SIGKILL, and pids get reused)."""
-        pid = read_pid_file(self.run_dir / f"{daemon.name}.pid")
-        if pid is None or not pid_alive(pid):
-            return None
-        cmdline = pid_cmdline(pid)
-        if not cmdline or Path(cmdline[0]).name != daemon.binary or str(self.conf_path) not in cmdline:
-            return None
-        return pid
-
     def _all_daemons_alive(self) -> bool:
-        return all(self._daemon_pid(daemon) is not None for daemon in _DAEMONS)
+        return all(process.running() for process in self._processes.values())
 
     def _wait_ready(self, deadline: float) -> None:
-        while not self.is_running():
-            for daemon in _DAEMONS:
-                if self._daemon_pid(daemon) is None:
-                    raise self._daemon_error(daemon, "it died")
-            if time.monotonic() > deadline:
-                raise self._daemon_error(_RGW, f"radosgw did not answer on {self.endpoint} in time")
-            time.sleep(0.2)
-
-    def _daemon_error(self, daemon: _Daemon, why: str) -> ObjectStoreError:
-        out = self.log_dir / f"{daemon.name}.out"
-        log_file = self.log_dir / f"{daemon.name}.log"
-        return ObjectStoreError(
-            f"object store: {daemon.binary} ({daemon.name}) failed to start: {why}; data in {self.data_dir}\n"
-            f"--- {out} (tail) ---\n{tail(out)}\n"
-            f"--- {log_file} (tail) ---\n{tail(log_file, skip=_rocksdb_noise)}"
-        )
+        if wait_until(self.is_running, deadline - time.monotonic(), 0.2, alive=self._all_daemons_alive):
+            return
+        for process in self._processes.values():
+            if not process.running():
+                raise process.failure("it died")
+        raise self._processes[_RGW].failure(f"radosgw did not answer on {self.endpoint} in time")
 
     # -- tools ---------------------------------------------------------------------------------------------
 

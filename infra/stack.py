@@ -16,9 +16,7 @@ from __future__ import annotations
 import json
 import logging
 import os
-import subprocess
 import sys
-import time
 import urllib.error
 import urllib.request
 from dataclasses import dataclass
@@ -26,17 +24,9 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 from infra.access import READER_UID, apply_reader_access
-from infra.object_store_server import (
-    CephObjectStore,
-    ObjectStoreServerConfig,
-    http_ok,
-    pid_alive,
-    pid_cmdline,
-    read_pid_file,
-    tail,
-    terminate_pid,
-)
+from infra.object_store_server import CephObjectStore, ObjectStoreServerConfig
 from infra.objectstore import ObjectStore
+from infra.processes import Service, ServiceError, http_ok
 from infra.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -51,19 +41,8 @@ SERVE_START_TIMEOUT = 180.0
 # What flows.serve registers (flows.serve.DEPLOYMENTS; not imported: `stack status` needs no Prefect).
 SERVED_DEPLOYMENTS = ("nightly-catalog/nightly", "ab-batch/ab", "intake-watcher/intake")
 
-# Starts the server as a grandchild in a session of its own and exits at once: the server is nobody's
-# child, so the process that ran `stack up` (a CLI, a test) never has to reap it, and it outlives it.
-_DETACH = """\
-import subprocess, sys
-with open(sys.argv[1], "ab") as out:
-    server = subprocess.Popen(
-        sys.argv[2:], stdin=subprocess.DEVNULL, stdout=out, stderr=out, start_new_session=True
-    )
-print(server.pid)
-"""
 
-
-class StackError(RuntimeError):
+class StackError(ServiceError):
     """A local stack service could not be started or stopped."""
 
 
@@ -125,7 +104,7 @@ def stack_up(settings: Settings) -> StackStatus:
     """
     store = object_store(settings)
     # Prefect starts first and comes up while the object store does: they take 5-15 s each.
-    prefect_pid = _start_prefect(settings)
+    prefect_launched = _start_prefect(settings)
     store.start()
     writer = ObjectStore(settings.object_store())
     writer.ensure_bucket()
@@ -135,11 +114,11 @@ def stack_up(settings: Settings) -> StackStatus:
         READER_UID, reader.access_key, reader.secret_key.get_secret_value(), "wanfactory reader (read-only)"
     )
     apply_reader_access(writer.client, settings.s3_bucket, READER_UID)
-    _wait_for_prefect(settings, prefect_pid)
+    _wait_for_prefect(settings, watch=prefect_launched)
     # After the server answers: serving starts by registering the deployments with it.
-    launched = _start_serve(settings)
-    if launched is not None:
-        _wait_for_serve(settings, *launched)
+    launched_at = _start_serve(settings)
+    if launched_at is not None:
+        _wait_for_serve(settings, launched_at)
     status = stack_status(settings)
     log.info(
         "stack up s3_endpoint=%s bucket=%s prefect_ui=%s state_dir=%s",
@@ -155,16 +134,10 @@ def stack_down(settings: Settings) -> None:
     """Stop ``wanfactory serve``, the Prefect server and the object store (data stays under ``state_dir``)."""
     # Serve first, while the server still answers: stopping, Prefect's runner pauses the deployments
     # there (best effort), so no runs pile up while nothing serves them; the next `stack up` resumes them.
-    serve_pid = _serve_pid(settings)
-    if serve_pid is not None:
-        # The whole process group: the flow runs it started go with it.
-        terminate_pid(serve_pid, "wanfactory serve", timeout=30, group=True)
-    _serve_pid_file(settings).unlink(missing_ok=True)
-    pid = _prefect_pid(settings)
-    if pid is not None:
-        # The whole process group, so that anything the server spawned goes with it.
-        terminate_pid(pid, "prefect server", timeout=30, group=True)
-    _prefect_pid_file(settings).unlink(missing_ok=True)
+    # Each with its whole process group: the flow runs serve started, and anything the server spawned,
+    # go with it.
+    _serve(settings).stop(timeout=30, group=True)
+    _prefect(settings).stop(timeout=30, group=True)
     object_store(settings).stop()
     log.info("stack down state_dir=%s", settings.state_dir)
 
@@ -177,25 +150,8 @@ def stack_status(settings: Settings) -> StackStatus:
         s3_endpoint=store.endpoint,
         prefect_running=_prefect_healthy(settings),
         prefect_ui_url=_prefect_url(settings),
-        serve_running=_serve_pid(settings) is not None,
+        serve_running=_serve(settings).running(),
     )
-
-
-def _launch_detached(argv: list[str], log_path: Path, pid_file: Path, env: dict[str, str], cwd: Path) -> int:
-    """Start ``argv`` detached (see _DETACH) with its output in ``log_path``; record and return its pid."""
-    launched = subprocess.run(
-        [sys.executable, "-c", _DETACH, str(log_path), *argv],
-        check=True,
-        env=env,
-        cwd=cwd,
-        stdin=subprocess.DEVNULL,
-        capture_output=True,
-        text=True,
-        timeout=30,
-    )
-    pid = int(launched.stdout)
-    pid_file.write_text(f"{pid}\n")
-    return pid
 
 
 # -- Prefect server ------------------------------------------------------------------------------------------
@@ -205,14 +161,22 @@ def _prefect_home(settings: Settings) -> Path:
     return settings.state_dir / "prefect"
 
 
-def _prefect_pid_file(settings: Settings) -> Path:
-    # Not server.pid: that is `prefect server start --background`'s own file, and its presence makes
-    # Prefect misreport a busy port as "a background server is already running".
-    return _prefect_home(settings) / "wanfactory-server.pid"
+def _prefect(settings: Settings) -> Service:
+    """Our Prefect server, recognised by its argv (a stale pid may be reused)."""
+    port = str(settings.prefect_port)
 
+    def is_ours(cmdline: list[str]) -> bool:
+        return cmdline[1:5] == _PREFECT_ARGS and cmdline[-1:] == [port]
 
-def _prefect_log(settings: Settings) -> Path:
-    return _prefect_home(settings) / "server.log"
+    return Service(
+        "prefect server",
+        # Not server.pid: that is `prefect server start --background`'s own file, and its presence makes
+        # Prefect misreport a busy port as "a background server is already running".
+        pid_file=_prefect_home(settings) / "wanfactory-server.pid",
+        log_path=_prefect_home(settings) / "server.log",
+        is_ours=is_ours,
+        error=StackError,
+    )
 
 
 def _prefect_url(settings: Settings) -> str:
@@ -223,78 +187,57 @@ def _prefect_healthy(settings: Settings) -> bool:
     return http_ok(f"{_prefect_url(settings)}/api/health")
 
 
-def _prefect_pid(settings: Settings) -> int | None:
-    """The pid of our server if it is alive (checked against its argv: a stale pid may be reused)."""
-    pid = read_pid_file(_prefect_pid_file(settings))
-    if pid is None or not pid_alive(pid):
-        return None
-    cmdline = pid_cmdline(pid)
-    if cmdline[1:5] != _PREFECT_ARGS or cmdline[-1] != str(settings.prefect_port):
-        return None
-    return pid
-
-
-def _start_prefect(settings: Settings) -> int | None:
-    """Launch the server unless it runs; returns the pid to wait for (None: another server answers)."""
-    pid = _prefect_pid(settings)
-    if pid is not None:
-        return pid
+def _start_prefect(settings: Settings) -> bool:
+    """Launch the server unless it runs; returns whether it is ours to watch (False: another one answers)."""
+    server = _prefect(settings)
+    if server.running():
+        return True
     if _prefect_healthy(settings):
         # Not started by this stack (e.g. a foreground `prefect server start`): use it as it is.
         log.warning(
             "prefect server already answers, not started by this stack url=%s", _prefect_url(settings)
         )
-        return None
+        return False
     home = _prefect_home(settings)
     home.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, "PREFECT_HOME": str(home), "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
     argv = [sys.executable, *_PREFECT_ARGS, "--host", "127.0.0.1", "--port", str(settings.prefect_port)]
     # Not the caller's directory: Prefect would read a prefect.toml or .env found there.
-    pid = _launch_detached(argv, _prefect_log(settings), _prefect_pid_file(settings), env, cwd=home)
+    pid = server.start(argv, env, cwd=home)
     log.info("prefect server launched pid=%d url=%s home=%s", pid, _prefect_url(settings), home)
-    return pid
+    return True
 
 
-def _wait_for_prefect(settings: Settings, pid: int | None) -> None:
-    deadline = time.monotonic() + PREFECT_START_TIMEOUT
-    while not _prefect_healthy(settings):
-        exited = pid is not None and not pid_alive(pid)
-        if exited or time.monotonic() > deadline:
-            url = f"{_prefect_url(settings)}/api/health"
-            why = "exited at start" if exited else f"did not answer {url} in {PREFECT_START_TIMEOUT:.0f} s"
-            server_log = _prefect_log(settings)
-            raise StackError(f"prefect server {why}\n--- {server_log} (tail) ---\n{tail(server_log)}")
-        time.sleep(0.5)
+def _wait_for_prefect(settings: Settings, watch: bool) -> None:
+    """Wait until the server answers; with ``watch``, fail as soon as our server process exits."""
+    _prefect(settings).wait_ready(
+        lambda: _prefect_healthy(settings),
+        PREFECT_START_TIMEOUT,
+        f"answer {_prefect_url(settings)}/api/health",
+        watch=watch,
+    )
 
 
 # -- wanfactory serve ----------------------------------------------------------------------------------------
 
 
-def _serve_dir(settings: Settings) -> Path:
-    return settings.state_dir / "serve"
+def _serve(settings: Settings) -> Service:
+    """Our ``wanfactory serve`` process, recognised by its argv (a stale pid may be reused)."""
+    serve_dir = settings.state_dir / "serve"
+    return Service(
+        "wanfactory serve",
+        pid_file=serve_dir / "wanfactory-serve.pid",
+        log_path=serve_dir / "serve.log",
+        is_ours=lambda cmdline: cmdline[1:] == _SERVE_ARGS,
+        error=StackError,
+    )
 
 
-def _serve_pid_file(settings: Settings) -> Path:
-    return _serve_dir(settings) / "wanfactory-serve.pid"
-
-
-def _serve_log(settings: Settings) -> Path:
-    return _serve_dir(settings) / "serve.log"
-
-
-def _serve_pid(settings: Settings) -> int | None:
-    """The pid of our serve process if it is alive (checked against its argv: a stale pid may be reused)."""
-    pid = read_pid_file(_serve_pid_file(settings))
-    if pid is None or not pid_alive(pid) or pid_cmdline(pid)[1:] != _SERVE_ARGS:
+def _start_serve(settings: Settings) -> datetime | None:
+    """Launch ``wanfactory serve`` unless it runs; returns its launch time, None if it was running."""
+    serve = _serve(settings)
+    if serve.running():
         return None
-    return pid
-
-
-def _start_serve(settings: Settings) -> tuple[int, datetime] | None:
-    """Launch ``wanfactory serve`` unless it runs; returns its pid and launch time, None if it was running."""
-    if _serve_pid(settings) is not None:
-        return None
-    _serve_dir(settings).mkdir(parents=True, exist_ok=True)
     # The package's own checkout first on the path: the serve process and the flow-run subprocesses it
     # starts import the flows by module name, and must get this code whatever directory they run in.
     root = str(Path(__file__).resolve().parents[1])
@@ -307,13 +250,9 @@ def _start_serve(settings: Settings) -> tuple[int, datetime] | None:
     }
     launched_at = datetime.now(UTC)
     # The caller's directory, as for any wanfactory command: the settings' .env file is read there.
-    pid = _launch_detached(
-        [sys.executable, *_SERVE_ARGS], _serve_log(settings), _serve_pid_file(settings), env, cwd=Path.cwd()
-    )
-    log.info(
-        "wanfactory serve launched pid=%d api=%s log=%s", pid, env["PREFECT_API_URL"], _serve_log(settings)
-    )
-    return pid, launched_at
+    pid = serve.start([sys.executable, *_SERVE_ARGS], env, cwd=Path.cwd())
+    log.info("wanfactory serve launched pid=%d api=%s log=%s", pid, env["PREFECT_API_URL"], serve.log_path)
+    return launched_at
 
 
 def _registered_since(settings: Settings, deployment: str, since: datetime) -> bool:
@@ -328,17 +267,11 @@ def _registered_since(settings: Settings, deployment: str, since: datetime) -> b
     return updated >= since - timedelta(seconds=1)
 
 
-def _wait_for_serve(settings: Settings, pid: int, launched_at: datetime) -> None:
+def _wait_for_serve(settings: Settings, launched_at: datetime) -> None:
     """Wait until the serve process has (re-)registered every deployment; stale ones do not count."""
-    deadline = time.monotonic() + SERVE_START_TIMEOUT
-    while not all(_registered_since(settings, d, launched_at) for d in SERVED_DEPLOYMENTS):
-        exited = not pid_alive(pid)
-        if exited or time.monotonic() > deadline:
-            why = (
-                "exited at start"
-                if exited
-                else f"did not register {', '.join(SERVED_DEPLOYMENTS)} in {SERVE_START_TIMEOUT:.0f} s"
-            )
-            serve_log = _serve_log(settings)
-            raise StackError(f"wanfactory serve {why}\n--- {serve_log} (tail) ---\n{tail(serve_log)}")
-        time.sleep(1.0)
+    _serve(settings).wait_ready(
+        lambda: all(_registered_since(settings, d, launched_at) for d in SERVED_DEPLOYMENTS),
+        SERVE_START_TIMEOUT,
+        f"register {', '.join(SERVED_DEPLOYMENTS)}",
+        interval=1.0,
+    )

@@ -60,4 +60,3 @@ def encode_thumbnail(frames: np.ndarray, path: Path, quality: int = 3) -> Path:
     )
     _run(output, middle)
     return path
-

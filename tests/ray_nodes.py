@@ -7,17 +7,17 @@ instances of the suite) share this machine without colliding, and stopping one s
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import os
 import signal
 import subprocess
 import sys
 import tempfile
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
-from infra.processes import free_ports
+from infra.processes import free_ports, wait_until
 
 # Every port a node listens on besides the head's GCS and client ports.
 NODE_PORT_FLAGS = (
@@ -134,11 +134,8 @@ def start_head(
             num_cpus=num_cpus,
             object_store_bytes=object_store_bytes,
         )
-        deadline = time.monotonic() + START_TIMEOUT_S
-        while head.alive() and time.monotonic() < deadline:
-            if _cluster_answers(address):
-                return address, head
-            time.sleep(1)
+        if wait_until(functools.partial(_cluster_answers, address), START_TIMEOUT_S, 1, alive=head.alive):
+            return address, head
         failures.append(f"attempt {attempt + 1} (exit code {head.process.poll()}):\n{head.log_tail()}")
         head.stop()
     raise AssertionError("the ray head did not come up:\n" + "\n".join(failures))
