@@ -54,11 +54,6 @@ class StackStatus:
     prefect_ui_url: str
     serve_running: bool = False
 
-    @property
-    def prefect_api_url(self) -> str:
-        """What PREFECT_API_URL must be for flows to report to this server."""
-        return f"{self.prefect_ui_url}/api"
-
     def describe(self) -> str:
         def state(running: bool) -> str:
             return "running" if running else "stopped"
