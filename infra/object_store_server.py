@@ -86,7 +86,7 @@ class _Daemon:
     args: tuple[str, ...]
 
 
-# In start order; stop goes in reverse (rgw, osd, mon): other stop orders hang (NOTES.md).
+# In start order; stop goes in reverse (rgw, osd, mon): other stop orders hang.
 _MON = _Daemon("ceph-mon", "mon.a", ("-i", "a"))
 _OSD = _Daemon("ceph-osd", "osd.0", ("-i", "0"))
 _RGW = _Daemon("radosgw", "client.rgw.a", ("-n", "client.rgw.a"))

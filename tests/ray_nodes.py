@@ -92,7 +92,7 @@ class RayNode:
     def stop(self) -> None:
         """Stop the node's process group (`ray stop` would stop every Ray on the machine, others' included).
 
-        Some Ray processes ignore SIGTERM (NOTES), and a head's `ray start --block` at times waits on them
+        Some Ray processes ignore SIGTERM, and a head's `ray start --block` at times waits on them
         for good: SIGKILL what is left after a short grace period.
         """
         with contextlib.suppress(ProcessLookupError):
