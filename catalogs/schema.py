@@ -1,13 +1,13 @@
 """The product catalog: its Parquet schema, the typed row, and validation that names row and field.
 
-A catalog is read whole, but validated row by row: every problem becomes a
-:class:`RowProblem` naming the row (its position and SKU) and the field at fault,
-and the valid rows go on to planning.
+A catalog is read whole, but validated row by row, cell by cell: every problem becomes a
+:class:`~catalogs.problems.RowProblem` naming the row (its position and SKU) and the field at
+fault, and the valid rows go on to planning. Only a catalog that lacks a required column is
+refused whole; a cell that cannot be read as its column's type fails its own row.
 """
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -15,9 +15,12 @@ from typing import Any
 import pyarrow as pa
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from catalogs.problems import InvalidValue, RowProblem
 from catalogs.prompts import STYLES
+from catalogs.rules import parse_size, storable_name
+from wan_engine.requests import MAX_SEED
 
-_SKU = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
+MAX_SKU_LENGTH = 128
 CATALOG_SCHEMA = pa.schema(
     [
         pa.field("sku", pa.string(), nullable=False),
@@ -57,7 +60,7 @@ class CatalogRow(BaseModel):
     model_config = ConfigDict(frozen=True, str_strip_whitespace=True, extra="ignore")
 
     row: int = Field(description="0-based position in the catalog")
-    sku: str = Field(min_length=1, max_length=128)
+    sku: str = Field(min_length=1)
     title: str = Field(min_length=1)
     description: str
     style: str
@@ -66,7 +69,7 @@ class CatalogRow(BaseModel):
     prompt: str | None = None
     negative_prompt: str | None = None
     model: str | None = None
-    seed: int | None = Field(default=None, ge=0, lt=2**63)
+    seed: int | None = Field(default=None, ge=0, le=MAX_SEED)
     size: tuple[int, int] | None = None
     num_frames: int | None = Field(default=None, ge=1)  # the model's rules (4k+1, its maximum) at planning
     steps: int | None = Field(default=None, ge=1, le=1000)
@@ -77,11 +80,10 @@ class CatalogRow(BaseModel):
     @classmethod
     def _storable_sku(cls, sku: str) -> str:
         # The SKU names the clip's folder in the object store.
-        if not _SKU.fullmatch(sku):
-            raise ValueError(
-                f"{sku!r} may hold only letters, digits, '.', '_' and '-', starting with a letter or digit"
-            )
-        return sku
+        try:
+            return storable_name(sku, MAX_SKU_LENGTH)
+        except InvalidValue as err:
+            raise ValueError(str(err)) from None
 
     @field_validator("style")
     @classmethod
@@ -103,25 +105,11 @@ class CatalogRow(BaseModel):
         if value is None or (isinstance(value, str) and not value.strip()):
             return None
         if isinstance(value, str):
-            width, sep, height = value.lower().partition("x")
-            if not sep or not width.strip().isdigit() or not height.strip().isdigit():
-                raise ValueError(f"{value!r} is not WIDTHxHEIGHT, e.g. 832x480")
-            return int(width), int(height)
+            try:
+                return parse_size(value)
+            except InvalidValue as err:
+                raise ValueError(str(err)) from None
         return value
-
-
-@dataclass(frozen=True)
-class RowProblem:
-    """Why a catalog row cannot become a clip."""
-
-    row: int
-    sku: str | None
-    field: str
-    message: str
-
-    def __str__(self) -> str:
-        sku = f" (sku {self.sku!r})" if self.sku else ""
-        return f"row {self.row}{sku}, field {self.field!r}: {self.message}"
 
 
 @dataclass(frozen=True)
@@ -131,22 +119,24 @@ class ValidatedCatalog:
 
 
 class CatalogSchemaError(ValueError):
-    """The catalog as a whole cannot be read: a required column is missing or has the wrong type."""
+    """The catalog as a whole cannot be read: a required column is missing."""
 
 
-def conform_table(table: pa.Table) -> pa.Table:
-    """The catalog's columns in schema order and types; absent optional columns become nulls.
+def catalog_records(table: pa.Table) -> list[dict[str, Any]]:
+    """The catalog's rows as dicts of the schema's fields; absent optional columns are None.
 
-    Raises :class:`CatalogSchemaError` naming any missing required column or one that
-    cannot be cast to its type; extra columns are dropped.
+    A column is cast to its schema type as a whole where it can be. Where it cannot (a seed of NaN
+    or 2**70, a frame count in words), its cells are kept as read, so that validation fails only the
+    rows whose cells are bad. Raises :class:`CatalogSchemaError` naming any missing required column;
+    extra columns are dropped.
     """
     missing = [name for name in REQUIRED_COLUMNS if name not in table.column_names]
     if missing:
         raise CatalogSchemaError(f"catalog lacks required column(s): {', '.join(missing)}")
-    columns = []
+    columns: dict[str, list[Any]] = {}
     for field in CATALOG_SCHEMA:
         if field.name not in table.column_names:
-            columns.append(pa.nulls(table.num_rows, field.type))
+            columns[field.name] = [None] * table.num_rows
             continue
         column = table.column(field.name)
         if (
@@ -157,36 +147,46 @@ def conform_table(table: pa.Table) -> pa.Table:
             # Naive timestamps (as pandas writes them by default) are taken as UTC.
             column = column.cast(pa.timestamp(column.type.unit, tz="UTC"))
         try:
-            columns.append(column.cast(field.type))
-        except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as err:
-            raise CatalogSchemaError(f"column {field.name!r} cannot be read as {field.type}: {err}") from err
-    # Nullability is checked per row by validation, so that one bad row does not sink the catalog.
-    relaxed = pa.schema([f.with_nullable(True) for f in CATALOG_SCHEMA], metadata=CATALOG_SCHEMA.metadata)
-    return pa.Table.from_arrays(columns, schema=relaxed)
+            columns[field.name] = column.cast(field.type).to_pylist()
+        except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
+            columns[field.name] = column.to_pylist()
+    return [dict(zip(columns, values, strict=True)) for values in zip(*columns.values(), strict=True)]
 
 
 def validate_catalog(table: pa.Table) -> ValidatedCatalog:
     """Validate every row; keep the valid ones and a problem per bad field of the others."""
     rows, problems = [], []
     seen_skus: dict[str, int] = {}
-    for index, record in enumerate(conform_table(table).to_pylist()):
-        sku = record.get("sku") or None
+    for index, record in enumerate(catalog_records(table)):
+        sku = record.get("sku") if isinstance(record.get("sku"), str) else None
         try:
             row = CatalogRow(row=index, **record)
         except ValidationError as err:
             for error in err.errors():
                 field = ".".join(str(part) for part in error["loc"]) or "row"
-                problems.append(RowProblem(index, sku, field, _plain_message(error)))
+                problems.append(
+                    RowProblem(
+                        source="catalog", row=index, sku=sku, field=field, message=_plain_message(error)
+                    )
+                )
             continue
         if row.sku in seen_skus:
-            problems.append(RowProblem(index, row.sku, "sku", f"duplicates row {seen_skus[row.sku]}"))
+            problems.append(
+                RowProblem(
+                    source="catalog",
+                    row=index,
+                    sku=row.sku,
+                    field="sku",
+                    message=f"duplicates row {seen_skus[row.sku]}",
+                )
+            )
             continue
         seen_skus[row.sku] = index
         rows.append(row)
     return ValidatedCatalog(rows, problems)
 
 
-def _plain_message(error: dict[str, Any]) -> str:
+def _plain_message(error: Any) -> str:
     if error["type"] == "missing" or (error["type"].endswith("_type") and error.get("input") is None):
         return "is required"
     return error["msg"].removeprefix("Value error, ")

@@ -37,7 +37,7 @@ an (experiment, variant) pair, even in a different letter case.
 Derived seeds depend on the experiment and the sample number only, not on the variant: the first
 sample of every variant of an experiment starts from the same noise, and so on for the second and
 the third, so two variants differ only by what the sheet changes between them (a paired
-comparison). A variant that wants other seeds lists them.
+comparison, :func:`catalogs.rules.sample_seed`). A variant that wants other seeds lists them.
 
 Problems name the row as the spreadsheet shows it (the header is row 1, the first variant row 2)
 and the column by its header as written. A bad row is reported and the others go on; only a file
@@ -50,11 +50,9 @@ from __future__ import annotations
 
 import csv
 import datetime as dt
-import hashlib
 import io
 import math
 import re
-import unicodedata
 import zipfile
 from collections.abc import Callable, Collection, Mapping
 from dataclasses import asdict, dataclass, replace
@@ -66,8 +64,11 @@ import pyarrow as pa
 from openpyxl.utils import get_column_letter
 from openpyxl.utils.exceptions import InvalidFileException
 
+from catalogs.problems import InvalidValue, RowProblem
 from catalogs.prompts import STYLES, product_prompt
+from catalogs.rules import ModelDefaults, parse_size, sample_seed, storable_name
 from catalogs.sources import read_bytes, resolve_reference, split_s3_uri
+from wan_engine.requests import MAX_SEED
 from wan_engine.specs import MODEL_FAMILIES, ModelSpec, Variant, get_model_spec
 
 if TYPE_CHECKING:
@@ -75,12 +76,9 @@ if TYPE_CHECKING:
 
 MAX_SAMPLES = 16  # clips per variant: a contact-sheet row, not a load test
 MAX_ID_LENGTH = 64
-MAX_SEED = 2**63 - 1  # the engine's bound (wan_engine.requests)
 ASPECT_RATIOS = ("16:9", "9:16", "1:1")
 
-_ID = re.compile(rf"[A-Za-z0-9][A-Za-z0-9._-]{{0,{MAX_ID_LENGTH - 1}}}")
 _WHOLE_NUMBER = re.compile(r"[+-]?\d+(?:\.0*)?")
-_SIZE = re.compile(r"(\d+)\s*[xX×*]\s*(\d+)")
 # Also what Excel's time conversion of "16:9" reads back as ("16:09").
 _RATIO = re.compile(r"(\d+)\s*[:/]\s*(\d+)")
 # Invisible characters that copying from documents and web pages leaves in cells.
@@ -162,23 +160,20 @@ class SheetFormatError(ValueError):
     """The file cannot be read as a prompt sheet at all; the message says what to change."""
 
 
-@dataclass(frozen=True)
-class SheetProblem:
-    """Why a row (or, with ``row`` None, a whole column) is not used as written."""
+@dataclass(frozen=True, kw_only=True)
+class SheetRules:
+    """The run's choices a sheet is read with: built once from settings
+    (:func:`tasks.planning.sheet_rules`) for ``ab submit``, the intake watcher and the run alike."""
 
-    row: int | None  # as the spreadsheet shows it: the header is row 1
-    column: str  # the header as written in the sheet
-    message: str
-    # The row's experiment and variant cells as written, so its failure is listed with its experiment.
-    experiment_id: str | None = None
-    variant_id: str | None = None
-
-    def __str__(self) -> str:
-        where = f"row {self.row}, " if self.row is not None else ""
-        return f"{where}column {self.column!r}: {self.message}"
+    models: ModelDefaults
+    postprocess_profiles: frozenset[str] | None = None  # the only profile names accepted; None: any
 
 
-@dataclass(frozen=True)
+def _sheet_problem(row: int | None, column: str, message: str) -> RowProblem:
+    return RowProblem(source="sheet", row=row, field=column, message=message)
+
+
+@dataclass(frozen=True, kw_only=True)
 class SheetClip:
     """One clip to make for a variant: its sample number, seed and every input, resolved."""
 
@@ -197,7 +192,7 @@ class SheetClip:
     postprocess_profile: str | None
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class SheetVariant:
     """One valid row of a prompt sheet, resolved: final prompt, model, size and seeds."""
 
@@ -245,17 +240,9 @@ class SheetVariant:
 @dataclass(frozen=True)
 class SheetReadResult:
     variants: list[SheetVariant]  # the valid rows, in sheet order
-    problems: list[SheetProblem]  # one per bad cell of the other rows, in sheet order
-    warnings: list[SheetProblem]  # columns that were ignored
+    problems: list[RowProblem]  # one per bad cell of the other rows, in sheet order
+    warnings: list[RowProblem]  # columns that were ignored
     table: pa.Table  # the variants as PROMPT_SHEET_SCHEMA, ready to be written as Parquet
-
-
-@dataclass(frozen=True)
-class _SheetRules:
-    model_variant: Variant
-    default_text_model: str
-    default_image_model: str
-    postprocess_profiles: frozenset[str] | None
 
 
 @dataclass(frozen=True)
@@ -268,36 +255,22 @@ class _TemplateInput:
     prompt: str | None = None
 
 
-class _Invalid(ValueError):
-    """A cell's value cannot be used; the message is for the person who wrote it."""
-
-
 _BAD: Any = object()  # what a cell that failed its check parses to
-
-
-def sample_seed(experiment_id: str, sample: int) -> int:
-    """The seed of sample ``sample`` (0-based) of every variant of an experiment whose row lists none."""
-    digest = hashlib.sha256(f"wanfactory-sheet-seed:{experiment_id}:{sample}".encode()).digest()
-    return int.from_bytes(digest[:4], "big")
 
 
 def read_prompt_sheet(
     source: str | Path | bytes,
     filename: str | None = None,
     *,
+    rules: SheetRules,
     sheet: str | None = None,
-    model_variant: Variant = "full",
-    default_text_model: str = "t2v-a14b",
-    default_image_model: str = "i2v-a14b",
-    postprocess_profiles: Collection[str] | None = None,
 ) -> SheetReadResult:
     """Read and validate a prompt sheet (.xlsx or .csv): its valid variants, its problems, and its table.
 
     ``source`` is a local path or the file's bytes; with bytes, ``filename`` gives the format. ``sheet``
-    picks a worksheet of a workbook by name (default: the first). Sizes are resolved against the
-    models at ``model_variant``; ``postprocess_profiles``, when given, are the only profile names
-    accepted. Image references are kept as written (:func:`load_prompt_sheet` resolves them).
-    Raises :class:`SheetFormatError` when the file is not a readable prompt sheet.
+    picks a worksheet of a workbook by name (default: the first). Models, sizes and profiles are
+    checked against ``rules``. Image references are kept as written (:func:`load_prompt_sheet`
+    resolves them). Raises :class:`SheetFormatError` when the file is not a readable prompt sheet.
     """
     if isinstance(source, bytes):
         if filename is None:
@@ -306,12 +279,6 @@ def read_prompt_sheet(
     else:
         data = Path(source).expanduser().read_bytes()
         filename = filename or Path(source).name
-    rules = _SheetRules(
-        model_variant=model_variant,
-        default_text_model=get_model_spec(default_text_model, model_variant).family,
-        default_image_model=get_model_spec(default_image_model, model_variant).family,
-        postprocess_profiles=None if postprocess_profiles is None else frozenset(postprocess_profiles),
-    )
     grid = [[_cell_text(value) for value in row] for row in _read_grid(data, filename, sheet)]
     if not grid or not any(grid[0]):
         raise SheetFormatError(f"row 1 must hold the column headers ({', '.join(COLUMNS)}), but it is empty")
@@ -337,12 +304,11 @@ def read_prompt_sheet(
     return SheetReadResult(variants, problems, warnings, prompt_sheet_table(variants))
 
 
-def load_prompt_sheet(uri: str, client: Minio | None = None, **options: Any) -> SheetReadResult:
-    """Read the prompt sheet at a local path or ``s3://bucket/key``, with image references made absolute.
-
-    ``options`` are :func:`read_prompt_sheet`'s keyword arguments.
-    """
-    read = read_prompt_sheet(read_bytes(uri, client), PurePosixPath(uri).name, **options)
+def load_prompt_sheet(
+    uri: str, rules: SheetRules, client: Minio | None = None, sheet: str | None = None
+) -> SheetReadResult:
+    """Read the prompt sheet at a local path or ``s3://bucket/key``, with image references made absolute."""
+    read = read_prompt_sheet(read_bytes(uri, client), PurePosixPath(uri).name, rules=rules, sheet=sheet)
     variants = [
         replace(v, image_uri=resolve_reference(v.image_uri, uri)) if v.image_uri else v for v in read.variants
     ]
@@ -428,7 +394,7 @@ def _cell_text(value: Any) -> str:
     return text.translate({ord(c): None for c in _INVISIBLE}).strip()
 
 
-def _map_headers(grid: list[list[str]]) -> tuple[dict[str, int], dict[str, str], list[SheetProblem]]:
+def _map_headers(grid: list[list[str]]) -> tuple[dict[str, int], dict[str, str], list[RowProblem]]:
     """Column positions and headers as written, by field; warnings for ignored columns."""
     columns: dict[str, int] = {}
     headers: dict[str, str] = {}
@@ -441,13 +407,13 @@ def _map_headers(grid: list[list[str]]) -> tuple[dict[str, int], dict[str, str],
         if not header:
             if filled:
                 warnings.append(
-                    SheetProblem(None, letter, f"has no header, so its {filled} value(s) are ignored")
+                    _sheet_problem(None, letter, f"has no header, so its {filled} value(s) are ignored")
                 )
             continue
         name = _HEADER_ALIASES.get(re.sub(r"[^a-z0-9]", "", header.casefold()))
         if name is None:
             warnings.append(
-                SheetProblem(
+                _sheet_problem(
                     None,
                     header,
                     f"is not a prompt-sheet column, so column {letter} is ignored; "
@@ -481,22 +447,22 @@ def _parse_row(
     row: int,
     values: Mapping[str, str],
     headers: Mapping[str, str],
-    rules: _SheetRules,
+    rules: SheetRules,
     claimed: dict[tuple[str, str], int],
-) -> SheetVariant | list[SheetProblem]:
-    problems: list[SheetProblem] = []
+) -> SheetVariant | list[RowProblem]:
+    problems: list[RowProblem] = []
 
     def header(name: str) -> str:
         return headers.get(name, name)
 
     def report(name: str, message: str) -> None:
-        problems.append(SheetProblem(row, header(name), message))
+        problems.append(_sheet_problem(row, header(name), message))
 
     def check(name: str, parse: Callable[..., Any], *args: Any) -> Any:
         # One cell's value, or _BAD after recording why it cannot be used, under the cell's own header.
         try:
             return parse(*args)
-        except _Invalid as err:
+        except InvalidValue as err:
             report(name, str(err))
             return _BAD
 
@@ -534,7 +500,7 @@ def _parse_row(
     ratio = (
         check("aspect_ratio", _parse_ratio, values["aspect_ratio"]) if values.get("aspect_ratio") else None
     )
-    size = check("size", _parse_size, values["size"]) if values.get("size") else None
+    size = check("size", parse_size, values["size"]) if values.get("size") else None
     if ratio and size:
         report("size", f"give an {header('aspect_ratio')} or a {header('size')}, not both")
     elif spec is not _BAD and ratio is not _BAD and size is not _BAD:
@@ -585,17 +551,8 @@ def _parse_row(
 
 def _parse_id(text: str) -> str:
     if not text:
-        raise _Invalid("is required")
-    if len(text) > MAX_ID_LENGTH:
-        raise _Invalid(f"{text[:20]!r}... is {len(text)} characters long; at most {MAX_ID_LENGTH}")
-    if not _ID.fullmatch(text):
-        message = f"{text!r} may hold only letters, digits, '.', '_' and '-', starting with a letter or digit"
-        ascii_text = unicodedata.normalize("NFKD", text).encode("ascii", "ignore").decode()
-        suggestion = re.sub(r"[^A-Za-z0-9._-]+", "-", ascii_text).strip("._-")
-        if _ID.fullmatch(suggestion):
-            message += f", e.g. {suggestion!r}"
-        raise _Invalid(message)
-    return text
+        raise InvalidValue("is required")
+    return storable_name(text, MAX_ID_LENGTH)
 
 
 def _parse_template(text: str | None) -> str | None:
@@ -603,19 +560,17 @@ def _parse_template(text: str | None) -> str | None:
         return None
     name = text.casefold()
     if name not in STYLES:
-        raise _Invalid(f"{text!r} is not one of {', '.join(STYLES)}")
+        raise InvalidValue(f"{text!r} is not one of {', '.join(STYLES)}")
     return name
 
 
-def _parse_model(text: str | None, has_image: bool, rules: _SheetRules) -> ModelSpec:
-    if text is None:
-        return get_model_spec(
-            rules.default_image_model if has_image else rules.default_text_model, rules.model_variant
+def _parse_model(text: str | None, has_image: bool, rules: SheetRules) -> ModelSpec:
+    family = text.casefold() if text is not None else None
+    if family is not None and family not in MODEL_FAMILIES:
+        raise InvalidValue(
+            f"{text!r} is not one of {', '.join(MODEL_FAMILIES)} (leave it empty for the default)"
         )
-    family = text.casefold()
-    if family not in MODEL_FAMILIES:
-        raise _Invalid(f"{text!r} is not one of {', '.join(MODEL_FAMILIES)} (leave it empty for the default)")
-    return get_model_spec(family, rules.model_variant)
+    return rules.models.spec_for(family, has_image)
 
 
 def _parse_image_uri(text: str | None) -> str | None:
@@ -625,17 +580,17 @@ def _parse_image_uri(text: str | None) -> str | None:
         try:
             split_s3_uri(text)
         except ValueError:
-            raise _Invalid(f"{text!r} is not an s3://bucket/key address") from None
+            raise InvalidValue(f"{text!r} is not an s3://bucket/key address") from None
     elif "://" in text:
-        raise _Invalid(f"{text!r} is a web link; give s3://bucket/key or a path to the image file")
+        raise InvalidValue(f"{text!r} is a web link; give s3://bucket/key or a path to the image file")
     return text
 
 
 def _check_image_for_model(image_uri: str | None, spec: ModelSpec) -> str | None:
     if image_uri is None and spec.requires_image:
-        raise _Invalid(f"is required: {spec.family} makes video from an image")
+        raise InvalidValue(f"is required: {spec.family} makes video from an image")
     if image_uri is not None and not spec.accepts_image:
-        raise _Invalid(
+        raise InvalidValue(
             f"{spec.family} is text-to-video and takes no image; leave it empty, or choose a model "
             f"that takes one ({', '.join(f for f in MODEL_FAMILIES if get_model_spec(f).accepts_image)})"
         )
@@ -646,16 +601,9 @@ def _sizes(spec: ModelSpec) -> str:
     return ", ".join(f"{w}x{h}" for w, h in spec.sizes)
 
 
-def _parse_size(text: str) -> tuple[int, int]:
-    match = _SIZE.fullmatch(text)
-    if not match:
-        raise _Invalid(f"{text!r} is not WIDTHxHEIGHT, e.g. 1280x720")
-    return int(match[1]), int(match[2])
-
-
 def _size_of_model(size: tuple[int, int], spec: ModelSpec) -> tuple[int, int]:
     if size not in spec.sizes:
-        raise _Invalid(f"{size[0]}x{size[1]} is not one of {spec.name}'s sizes: {_sizes(spec)}")
+        raise InvalidValue(f"{size[0]}x{size[1]} is not one of {spec.name}'s sizes: {_sizes(spec)}")
     return size
 
 
@@ -663,7 +611,7 @@ def _parse_ratio(text: str) -> str:
     match = _RATIO.fullmatch(text)
     ratio = f"{int(match[1])}:{int(match[2])}" if match else text
     if ratio not in ASPECT_RATIOS:
-        raise _Invalid(f"{text!r} is not one of {', '.join(ASPECT_RATIOS)}")
+        raise InvalidValue(f"{text!r} is not one of {', '.join(ASPECT_RATIOS)}")
     return ratio
 
 
@@ -676,22 +624,22 @@ def _size_for_ratio(ratio: str | None, spec: ModelSpec) -> tuple[int, int]:
         if (width > height) - (width < height) == wanted:
             return width, height
     shape = {1: "landscape", -1: "portrait", 0: "square"}[wanted]
-    raise _Invalid(f"{ratio}: {spec.name} has no {shape} size; its sizes are {_sizes(spec)}")
+    raise InvalidValue(f"{ratio}: {spec.name} has no {shape} size; its sizes are {_sizes(spec)}")
 
 
 def _parse_seeds(text: str) -> tuple[int, ...]:
     seeds: list[int] = []
     for token in re.split(r"[,;\s]+", text.strip(",; ")):
         if not _WHOLE_NUMBER.fullmatch(token):
-            raise _Invalid(f"{token!r} in {text!r} is not a whole number; write seeds like 1, 2, 3")
+            raise InvalidValue(f"{token!r} in {text!r} is not a whole number; write seeds like 1, 2, 3")
         seed = int(token.split(".")[0])
         if not 0 <= seed <= MAX_SEED:
-            raise _Invalid(f"seed {seed} is outside 0 to {MAX_SEED}")
+            raise InvalidValue(f"seed {seed} is outside 0 to {MAX_SEED}")
         if seed in seeds:
-            raise _Invalid(f"seed {seed} is listed twice")
+            raise InvalidValue(f"seed {seed} is listed twice")
         seeds.append(seed)
     if len(seeds) > MAX_SAMPLES:
-        raise _Invalid(f"lists {len(seeds)} seeds; at most {MAX_SAMPLES} per variant")
+        raise InvalidValue(f"lists {len(seeds)} seeds; at most {MAX_SAMPLES} per variant")
     return tuple(seeds)
 
 
@@ -699,20 +647,24 @@ def _parse_samples(text: str) -> int:
     if not text:
         return 1
     if not _WHOLE_NUMBER.fullmatch(text):
-        raise _Invalid(f"{text!r} is not a whole number of samples (1 to {MAX_SAMPLES})")
+        raise InvalidValue(f"{text!r} is not a whole number of samples (1 to {MAX_SAMPLES})")
     samples = int(text.split(".")[0])
     if not 1 <= samples <= MAX_SAMPLES:
-        raise _Invalid(f"{text!r} is outside 1 to {MAX_SAMPLES}")
+        raise InvalidValue(f"{text!r} is outside 1 to {MAX_SAMPLES}")
     return samples
 
 
 def _parse_profile(text: str | None, known: frozenset[str] | None) -> str | None:
     if text is None:
         return None
-    if not _ID.fullmatch(text):
-        raise _Invalid(f"{text!r} is not a profile name (letters, digits, '.', '_' and '-')")
+    try:
+        storable_name(text, MAX_ID_LENGTH)
+    except InvalidValue:
+        raise InvalidValue(f"{text!r} is not a profile name (letters, digits, '.', '_' and '-')") from None
     if known is not None and text not in known:
-        raise _Invalid(f"{text!r} is not one of the profiles: {', '.join(sorted(known)) or 'none defined'}")
+        raise InvalidValue(
+            f"{text!r} is not one of the profiles: {', '.join(sorted(known)) or 'none defined'}"
+        )
     return text
 
 

@@ -12,6 +12,7 @@ from prefect import flow, get_run_logger
 from prefect.runtime import flow_run
 
 from flows.common import RunResult, label_flow_run, new_run_id, render_plan
+from flows.runs import ab_run_name, ab_tags
 from infra.settings import Settings
 from tasks.units import (
     experiment_outputs_task,
@@ -21,11 +22,6 @@ from tasks.units import (
     report_task,
     write_manifest_task,
 )
-
-
-def ab_run_name(experiments: list[str]) -> str:
-    """``ab-<experiment>``, or the experiments joined with '+' when a sheet holds several."""
-    return "ab-" + ("+".join(experiments) if experiments else "empty-sheet")
 
 
 @flow(name="ab-batch", log_prints=True)
@@ -39,10 +35,10 @@ def ab_batch(sheet_uri: str, force: bool = False) -> RunResult:
     run_id = new_run_id()
     logger = get_run_logger()
     postproduction = prepare_postproduction_task(settings)
-    sheet = load_sheet_task(sheet_uri, settings, postproduction)
+    sheet = load_sheet_task(sheet_uri, settings)
     experiments = sorted({variant.experiment_id for variant in sheet.variants})
     # The run's name and tags come from the sheet's contents, known only now.
-    label_flow_run(ab_run_name(experiments), ["ab", *(f"experiment:{e}" for e in experiments)])
+    label_flow_run(ab_run_name(experiments), ["ab", *ab_tags(experiments)])
     logger.info("run %s sheet=%s experiments=%s", run_id, sheet_uri, ",".join(experiments))
 
     plan = plan_sheet_task(sheet, run_id, settings, postproduction, force)

@@ -22,7 +22,16 @@ from typing import Annotated
 
 import typer
 
+from catalogs.sample import SAMPLE_DIR
+from catalogs.sources import load_catalog, read_bytes
+from flows.runs import AB_DEPLOYMENT, ab_run_name, ab_tags
+from infra import stack
+from infra.objectstore import ObjectStore
 from infra.settings import Settings
+from wan_engine import MODEL_FAMILIES, get_model_spec, model_location, split_s3_uri
+
+# Commands import what only they need (Prefect, Ray and the engine, ffmpeg, the content filter's
+# onnxruntime) when they run, so that `wanfactory --help` and `stack status` answer at once.
 
 # Plain tracebacks: typer's pretty ones set attributes on the exception, which minio's frozen S3Error refuses.
 app = typer.Typer(
@@ -57,27 +66,21 @@ def _ui_url() -> str:
 @stack_app.command("up")
 def stack_up() -> None:
     """Start the local object store and Prefect server (idempotent)."""
-    from infra.stack import stack_up as start
-
-    status = start(Settings())
+    status = stack.stack_up(Settings())
     typer.echo(status.describe())
 
 
 @stack_app.command("down")
 def stack_down() -> None:
     """Stop the local stack; its data stays for the next `stack up`."""
-    from infra.stack import stack_down as stop
-
-    stop(Settings())
+    stack.stack_down(Settings())
     typer.echo("local stack stopped")
 
 
 @stack_app.command("status")
 def stack_status() -> None:
     """Say what of the local stack is running."""
-    from infra.stack import stack_status as status
-
-    typer.echo(status(Settings()).describe())
+    typer.echo(stack.stack_status(Settings()).describe())
 
 
 @app.command()
@@ -102,8 +105,7 @@ def build_tiny(
 
 def ensure_tiny_models(settings: Settings, rebuild: bool = False) -> list[str]:
     """Make sure the model root holds the tiny models; returns their locations."""
-    from infra.objectstore import ObjectStore
-    from wan_engine import MODEL_FAMILIES, get_model_spec, model_location, save_random_pipeline, split_s3_uri
+    from wan_engine import save_random_pipeline  # diffusers and torch
 
     locations = []
     store = ObjectStore(settings.object_store())
@@ -127,15 +129,24 @@ def ensure_tiny_models(settings: Settings, rebuild: bool = False) -> list[str]:
 
 @catalog_app.command("validate")
 def catalog_validate(uri: str) -> None:
-    """Check a catalog (path or s3://) and list every problem by row and field."""
-    from catalogs.sources import load_catalog
-    from infra.objectstore import ObjectStore
+    """Check a catalog (path or s3://) as a run would, before any GPU is used, and list every problem by
+    row and field: each cell, the model, size, frames, steps, profile, the image (there and decodable)
+    and the prompt policy. Exits 1 when any row would not make a clip."""
+    from tasks.inputs import check_images, planning_rules
+    from tasks.planning import plan_clips
+    from tasks.postproduction import prepare_postproduction
 
-    catalog = load_catalog(uri, ObjectStore(Settings().object_store()).client)
-    for problem in catalog.problems:
+    settings = Settings()
+    store = ObjectStore(settings.object_store())
+    catalog = load_catalog(uri, store.client)
+    rules = planning_rules(settings, prepare_postproduction(settings), store)
+    images = check_images((row.image_uri for row in catalog.rows), store)
+    plan = plan_clips(catalog, rules, "validate", images, published_keys=())
+    for problem in plan.problems:
         typer.echo(str(problem))
-    typer.echo(f"{len(catalog.rows)} valid rows, {len(catalog.problems)} problems")
-    raise typer.Exit(1 if catalog.problems else 0)
+    bad_rows = len(plan.rejected) + len(plan.refused)
+    typer.echo(f"{len(plan.clips)} rows make clips, {bad_rows} rows do not ({len(plan.problems)} problems)")
+    raise typer.Exit(1 if bad_rows else 0)
 
 
 @catalog_app.command("synth")
@@ -159,8 +170,6 @@ def catalog_upload(
     prefix: Annotated[str, typer.Option(help="key prefix in the bucket")] = SAMPLE_CATALOG_PREFIX,
 ) -> None:
     """Upload a catalog folder (catalog.parquet and the images it refers to) to the object store."""
-    from infra.objectstore import ObjectStore
-
     store = ObjectStore(Settings().object_store())
     store.ensure_bucket()
     count = store.upload_folder(folder, prefix)
@@ -201,8 +210,6 @@ def _sheet_in_store(sheet: str, settings: Settings) -> str:
     """A local sheet is uploaded under sheets/ first, so that any worker can read it."""
     if sheet.startswith("s3://"):
         return sheet
-    from infra.objectstore import ObjectStore
-
     path = Path(sheet)
     if not path.is_file():
         raise typer.BadParameter(f"no such file: {sheet}")
@@ -221,30 +228,23 @@ def ab_submit(
     from prefect.deployments import run_deployment
 
     from catalogs.sheets import load_prompt_sheet
-    from flows.ab import ab_run_name
-    from infra.objectstore import ObjectStore
+    from tasks.planning import sheet_rules
 
     settings = Settings()
     _use_local_prefect(settings)
     uri = _sheet_in_store(sheet, settings)
-    # Check the sheet here, so a marketer sees row and column errors at once, not in a run.
-    checked = load_prompt_sheet(
-        uri,
-        ObjectStore(settings.object_store()).client,
-        model_variant=settings.model_variant,
-        default_text_model=settings.default_text_model,
-        default_image_model=settings.default_image_model,
-    )
+    # Check the sheet here, as the run will, so a marketer sees row and column errors at once.
+    checked = load_prompt_sheet(uri, sheet_rules(settings), ObjectStore(settings.object_store()).client)
     for problem in checked.problems:
         typer.echo(f"  {problem}", err=True)
     experiments = sorted({v.experiment_id for v in checked.variants})
     if not experiments:
         raise typer.BadParameter(f"{sheet}: no valid variant to make")
     run = run_deployment(
-        "ab-batch/ab",
+        AB_DEPLOYMENT,
         parameters={"sheet_uri": uri, "force": force},
         flow_run_name=ab_run_name(experiments),
-        tags=["ab", *(f"experiment:{e}" for e in experiments)],
+        tags=["ab", *ab_tags(experiments)],
         timeout=0,
     )
     typer.echo(f"{len(checked.variants)} variants, {len(checked.problems)} rows with problems (above)")
@@ -269,8 +269,6 @@ def _print_result(result, settings: Settings) -> None:
 @app.command()
 def outputs(run: Annotated[str | None, typer.Option(help="run id (default: the latest run)")] = None) -> None:
     """List what a run did, clip by clip, from its manifest in the object store."""
-    from infra.objectstore import ObjectStore
-
     store = ObjectStore(Settings().object_store())
     if run is None:
         runs = sorted({key.split("/")[1] for key in store.list_keys("runs/")})
@@ -281,7 +279,9 @@ def outputs(run: Annotated[str | None, typer.Option(help="run id (default: the l
     typer.echo(f"run {run} ({manifest['source']}): {manifest['counts']}")
     for clip in manifest["clips"]:
         where = store.uri(clip["clip_key"]) if clip["clip_key"] else clip["reason"]
-        typer.echo(f"  row {clip['row']:>4}  {clip['sku'] or '-':<12} {clip['status']:<11} {where}")
+        experiment = clip["experiment_id"] and f"{clip['experiment_id']}/{clip['variant_id']}"
+        label = clip["sku"] or experiment or "-"
+        typer.echo(f"  row {clip['row']:>4}  {label:<12} {clip['status']:<11} {where}")
 
 
 @app.command()
@@ -293,8 +293,6 @@ def verify(
     as_json: Annotated[bool, typer.Option("--json", help="print the report as JSON")] = False,
 ) -> None:
     """Read a clip's C2PA manifest (is it signed, by whom, does it validate) and its invisible watermark."""
-    from catalogs.sources import read_bytes
-    from infra.objectstore import ObjectStore
     from tasks.postprod.verify import verify_clip
     from tasks.postproduction import trust_anchor
 
@@ -312,11 +310,8 @@ def verify(
 @app.command()
 def demo() -> None:
     """Start the local stack, build the tiny models, upload the sample catalog and run it once."""
-    from catalogs.sample import SAMPLE_DIR
-    from infra.stack import stack_up as start
-
     settings = Settings()
-    typer.echo(start(settings).describe())
+    typer.echo(stack.stack_up(settings).describe())
     ensure_tiny_models(settings)
     catalog_upload(SAMPLE_DIR, SAMPLE_CATALOG_PREFIX)
     run_nightly(catalog=f"s3://{settings.s3_bucket}/{SAMPLE_CATALOG_PREFIX}/catalog.parquet", force=False)

@@ -70,7 +70,7 @@ def render_plan(
         made = _render_clips(plan.clips, settings, run_id, finishing, progress, logger)
     finally:
         progress.close()
-    return Rendering([*plan.rejected, *plan.refused, *plan.skipped, *made.entries], made.load_seconds)
+    return Rendering([*plan.entries, *made.entries], made.load_seconds)
 
 
 def _render_clips(
@@ -88,9 +88,9 @@ def _render_clips(
     connect_ray(settings)
     gpus = int(ray.cluster_resources().get("GPU", 0))
     entries = rendering.entries
-    clip_counts = Counter(clip.family for clip in clips)
+    clip_counts = Counter(clip.model.family for clip in clips)
     for shape in plan_fleets(clip_counts, gpus, settings.cpu_actors_per_model, settings.actor_num_cpus):
-        batch_clips = [clip for clip in clips if clip.family in shape.actors]
+        batch_clips = [clip for clip in clips if clip.model.family in shape.actors]
         try:
             fleet = start_fleet_task(shape, settings, run_id, finishing)
         except FleetStartError as err:

@@ -35,13 +35,16 @@ from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 from prefect.deployments import run_deployment
 
+from catalogs.sheets import SheetFormatError, read_prompt_sheet
+from catalogs.sources import resolve_reference
+from flows.runs import AB_DEPLOYMENT, ab_run_name, ab_tags
 from infra.objectstore import ObjectStore
 from infra.settings import Settings
+from tasks.planning import sheet_rules
 
 INTAKE_PREFIX = "intake/"
 ACCEPTED_PREFIX = "intake/accepted/"
 REJECTED_PREFIX = "intake/rejected/"
-AB_DEPLOYMENT = "ab-batch/ab"
 SHEET_SUFFIXES = (".xlsx", ".csv")
 # A prompt sheet is a few rows; anything bigger is a wrong drop, rejected without being downloaded.
 MAX_SHEET_BYTES = 20 * 1024 * 1024
@@ -114,12 +117,6 @@ def check_sheet(name: str, data: bytes, sheet_uri: str, settings: Settings) -> S
     Rows are validated as the A/B run will validate them: the configured model variant, default
     models and post-production profiles.
     """
-    # Imported here, not at the top: they pull in the model engine (diffusers, torch), seconds of CPU
-    # that a poll finding nothing, every intake_poll_seconds, should not pay.
-    from catalogs.sheets import SheetFormatError, read_prompt_sheet
-    from catalogs.sources import resolve_reference
-    from tasks.postprod.profile import load_profiles
-
     if not name.lower().endswith(SHEET_SUFFIXES):
         return SheetCheck(
             False,
@@ -129,14 +126,7 @@ def check_sheet(name: str, data: bytes, sheet_uri: str, settings: Settings) -> S
             ),
         )
     try:
-        read = read_prompt_sheet(
-            data,
-            name,
-            model_variant=settings.model_variant,
-            default_text_model=settings.default_text_model,
-            default_image_model=settings.default_image_model,
-            postprocess_profiles=load_profiles(settings.postprocess_profiles_path).keys(),
-        )
+        read = read_prompt_sheet(data, name, rules=sheet_rules(settings))
     except SheetFormatError as err:
         return SheetCheck(False, reasons=(str(err),))
     row_problems = tuple(str(problem) for problem in read.problems)
@@ -252,13 +242,12 @@ def start_ab_run_task(
         deployment,
         parameters={"sheet_uri": sheet_uri},
         timeout=0,
-        tags=[*(f"experiment:{e}" for e in experiments), "intake"],
+        tags=[*ab_tags(experiments), "intake"],
         idempotency_key=idempotency_key,
         # A run of its own, not a subflow of this poll: Prefect cancels the subflows of a cancelled
         # run, and cancelling a poll from the UI must not cancel the A/B batches it started.
         as_subflow=False,
-        # flows.ab.ab_run_name's rule, not imported: flows.ab pulls in Ray, which a poll does not need.
-        flow_run_name="ab-" + "+".join(experiments),
+        flow_run_name=ab_run_name(experiments),
     )
     return str(run.id), run.name
 

@@ -8,13 +8,11 @@ post-processing, encoding and publishing (or quarantining) each clip as it finis
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
-from pathlib import PurePosixPath
-
 from prefect import flow, get_run_logger
 from prefect.runtime import flow_run
 
 from flows.common import RunResult, label_flow_run, new_run_id, render_plan
+from flows.runs import catalog_name, nightly_run_name
 from infra.settings import Settings
 from tasks.units import (
     load_catalog_task,
@@ -25,16 +23,7 @@ from tasks.units import (
 )
 
 
-def catalog_name(catalog_uri: str) -> str:
-    """A catalog's short name for tags: its folder ('sample' for .../catalogs/sample/catalog.parquet)."""
-    return PurePosixPath(catalog_uri.split("://", 1)[-1]).parent.name or catalog_uri
-
-
-def _nightly_run_name() -> str:
-    return f"nightly-{datetime.now(UTC):%Y-%m-%d}"
-
-
-@flow(name="nightly-catalog", flow_run_name=_nightly_run_name, log_prints=True)
+@flow(name="nightly-catalog", flow_run_name=nightly_run_name, log_prints=True)
 def nightly_catalog(
     catalog_uri: str | None = None, force: bool = False, force_skus: list[str] | None = None
 ) -> RunResult:

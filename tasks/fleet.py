@@ -106,11 +106,11 @@ class GeneratorActor:
         # Loading bars from many actors interleave into noise in the driver's log.
         diffusers_logging.disable_progress_bar()
         transformers_logging.disable_progress_bar()
-        spec = get_model_spec(family, variant)
+        model = get_model_spec(family, variant)
         self.store = ObjectStore(store_config)
         self.generator = WanGenerator.from_pretrained(
-            model_location(model_root, spec),
-            spec,
+            model_location(model_root, model),
+            model,
             device=device,
             cache_dir=cache_dir,
             client=self.store.client,
@@ -132,7 +132,7 @@ class GeneratorActor:
         return self.worker, self.load_seconds, self.generator.attention_backend or "native"
 
     @ray.method(num_returns=2)
-    def generate(self, spec: ClipSpec) -> tuple[str, GeneratedClip]:
+    def generate(self, clip: ClipSpec) -> tuple[str, GeneratedClip]:
         """The worker that ran the clip, and its frames or the error that stopped it.
 
         Two returns so the dispatcher can read the small first one to learn whether the attempt
@@ -140,39 +140,35 @@ class GeneratorActor:
         A clip's own failure is not the actor's: it comes back as the clip's ``error``.
         """
         try:
-            image = self._image(spec) if spec.image_uri else None
-            request = spec.request(image)
+            image = self._image(clip) if clip.image_uri else None
+            request = replace(clip.request, image=image)
             prepared = self.generator.prepare(request) if self.generator.prepares_concurrently else None
             with self.render_lock:
                 started_at = datetime.now(UTC)
                 video = self.generator.render(prepared or self.generator.prepare(request))
         except Exception as err:
-            log.warning("generation failed clip_id=%s error=%s", spec.clip_id, err)
+            log.warning("generation failed clip_id=%s error=%s", clip.clip_id, err)
             return self.worker, GeneratedClip(
-                spec,
-                None,
-                spec.fps,
-                0.0,
-                {},
-                self.worker,
-                error=f"{type(err).__name__}: {err}",
+                clip=clip,
+                frames=None,
+                worker=self.worker,
                 engine_mode=self.generator.options.mode,
+                error=f"{type(err).__name__}: {err}",
             )
         return self.worker, GeneratedClip(
-            spec,
-            video.frames,
-            video.fps,
-            video.seconds,
-            video.expert_calls,
-            self.worker,
+            clip=clip,
+            frames=video.frames,
+            worker=self.worker,
             engine_mode=self.generator.options.mode,
+            seconds=video.seconds,
+            expert_calls=video.expert_calls,
             started_at=started_at,
         )
 
-    def _image(self, spec: ClipSpec) -> Image.Image:
-        data = read_bytes(spec.image_uri, self.store.client)
-        if hashlib.sha256(data).hexdigest() != spec.image_sha256:
-            raise ValueError(f"image {spec.image_uri} changed after planning")
+    def _image(self, clip: ClipSpec) -> Image.Image:
+        data = read_bytes(clip.image_uri, self.store.client)
+        if hashlib.sha256(data).hexdigest() != clip.image_sha256:
+            raise ValueError(f"image {clip.image_uri} changed after planning")
         return Image.open(io.BytesIO(data)).convert("RGB")
 
 
@@ -223,11 +219,6 @@ def plan_fleets(
     return [FleetShape(shares, 1, actor_cpus)]
 
 
-def frames_bytes(spec: ClipSpec) -> int:
-    """The size of a clip's generated frames (uint8 RGB), as they wait in the object store."""
-    return spec.num_frames * spec.height * spec.width * 3
-
-
 def admits_generation(
     generating: Sequence[ClipSpec],
     finishing: Sequence[ClipSpec],
@@ -240,8 +231,8 @@ def admits_generation(
     post-production, always; above it, while all their frames fit in ``budget_bytes``."""
     if len(finishing) < floor_clips:
         return True
-    waiting = sum(frames_bytes(spec) for spec in (*generating, *finishing))
-    return waiting + frames_bytes(candidate) <= budget_bytes
+    waiting = sum(clip.frames_bytes for clip in (*generating, *finishing))
+    return waiting + candidate.frames_bytes <= budget_bytes
 
 
 class FleetStartError(RuntimeError):
@@ -328,10 +319,10 @@ class GenerationFleet:
 
     def run(self, clips: Sequence[ClipSpec]) -> Iterator[ManifestEntry]:
         """Generate, encode and publish ``clips``; yields each clip's manifest entry as it finishes."""
-        queues = {family: deque(c for c in clips if c.family == family) for family in self.actors}
-        unknown = [c for c in clips if c.family not in self.actors]
-        for spec in unknown:
-            yield failed_entry(spec, self.run_id, "generate", f"no actor holds {spec.model}")
+        queues = {family: deque(c for c in clips if c.model.family == family) for family in self.actors}
+        unknown = [c for c in clips if c.model.family not in self.actors]
+        for clip in unknown:
+            yield failed_entry(clip, self.run_id, "generate", f"no actor holds {clip.model.name}")
         lost: dict[str, list[str]] = {}  # clip id -> why each of its lost attempts was lost
         in_flight = {id(member): 0 for member in self._members}  # clips sent and not answered yet
         generating: dict[ray.ObjectRef, tuple[ClipSpec, _Member, ray.ObjectRef]] = {}
@@ -356,9 +347,9 @@ class GenerationFleet:
                         floor,
                     )
                 ):
-                    spec = queue.popleft()
-                    done, frames = member.handle.generate.remote(spec)
-                    generating[done] = (spec, member, frames)
+                    clip = queue.popleft()
+                    done, frames = member.handle.generate.remote(clip)
+                    generating[done] = (clip, member, frames)
                     in_flight[id(member)] += 1
             restarts = {m.restart: m for m in self._members if m.restart is not None}
             if not (generating or finishing or restarts):
@@ -373,28 +364,28 @@ class GenerationFleet:
                 if ref in restarts:
                     self._restarted(restarts[ref])
                 elif ref in generating:
-                    spec, member, frames = generating.pop(ref)
+                    clip, member, frames = generating.pop(ref)
                     # Answered, by its frames or by the actor's death: its place is free again either way.
                     in_flight[id(member)] -= 1
                     try:
                         ray.get(ref)  # the worker's name, small: the frames stay where they are
                     except GENERATION_LOST as err:
                         self._actor_lost(member, err)
-                        if entry := self._lost_attempt(spec, err, queues, lost):
+                        if entry := self._lost_attempt(clip, err, queues, lost):
                             yield entry
                         continue
                     except ray.exceptions.RayError as err:
-                        yield failed_entry(spec, self.run_id, "generate", f"{type(err).__name__}: {err}")
+                        yield failed_entry(clip, self.run_id, "generate", f"{type(err).__name__}: {err}")
                         continue
                     # The frames go from the actor's node to the finisher without passing through here.
-                    finishing[self.finisher.remote(frames, self.finishing, self.run_id)] = spec
+                    finishing[self.finisher.remote(frames, self.finishing, self.run_id)] = clip
                 elif entry := self._entry(ref, finishing.pop(ref), queues, lost):
                     yield entry
 
     def _entry(
         self,
         ref: ray.ObjectRef,
-        spec: ClipSpec,
+        clip: ClipSpec,
         queues: dict[str, deque[ClipSpec]],
         lost: dict[str, list[str]],
     ) -> ManifestEntry | None:
@@ -402,38 +393,38 @@ class GenerationFleet:
         try:
             entry = ray.get(ref)
         except GENERATION_LOST as err:
-            return self._lost_attempt(spec, err, queues, lost)
+            return self._lost_attempt(clip, err, queues, lost)
         except ray.exceptions.RayError as err:
             # The finisher died or raised (not a failure of the clip itself), after Ray's own retries.
-            entry = failed_entry(spec, self.run_id, "generate", f"{type(err).__name__}: {err}")
-        errors = lost.get(spec.clip_id)
+            entry = failed_entry(clip, self.run_id, "generate", f"{type(err).__name__}: {err}")
+        errors = lost.get(clip.clip_id)
         return replace(entry, attempts=1 + len(errors), retried_after=list(errors)) if errors else entry
 
     def _lost_attempt(
         self,
-        spec: ClipSpec,
+        clip: ClipSpec,
         err: ray.exceptions.RayError,
         queues: dict[str, deque[ClipSpec]],
         lost: dict[str, list[str]],
     ) -> ManifestEntry | None:
         """Queue a clip again after an attempt lost with its actor; once retries are spent, its failure."""
-        errors = lost.setdefault(spec.clip_id, [])
+        errors = lost.setdefault(clip.clip_id, [])
         errors.append(f"{type(err).__name__}: {err}")
         if len(errors) <= CLIP_RETRIES:
             log.warning(
-                "clip attempt lost with its actor clip_id=%s sku=%s attempt=%d error=%s",
-                spec.clip_id,
-                spec.sku,
+                "clip attempt lost with its actor clip_id=%s of=%s attempt=%d error=%s",
+                clip.clip_id,
+                clip.label,
                 len(errors),
                 type(err).__name__,
             )
             # At the front: it has waited its turn once already.
-            queues[spec.family].appendleft(spec)
+            queues[clip.model.family].appendleft(clip)
             return None
         reason = f"lost with its generator actor on all {len(errors)} attempts; last: {errors[-1]}"
-        log.error("clip failed clip_id=%s sku=%s stage=generate reason=%s", spec.clip_id, spec.sku, reason)
+        log.error("clip failed clip_id=%s of=%s stage=generate reason=%s", clip.clip_id, clip.label, reason)
         return failed_entry(
-            spec, self.run_id, "generate", reason, attempts=len(errors), retried_after=errors[:-1]
+            clip, self.run_id, "generate", reason, attempts=len(errors), retried_after=errors[:-1]
         )
 
     def _actor_lost(self, member: _Member, err: ray.exceptions.RayError) -> None:
@@ -480,12 +471,12 @@ class GenerationFleet:
         for family, queue in queues.items():
             if queue and all(m.gone for m in self._members if m.family == family):
                 while queue:
-                    spec = queue.popleft()
+                    clip = queue.popleft()
                     reason = f"no generator actor of {family} is left: all died and could not be restarted"
                     # A clip queued again after lost attempts: each of them was followed by a retry.
-                    errors = lost.get(spec.clip_id)
+                    errors = lost.get(clip.clip_id)
                     details = {"attempts": len(errors), "retried_after": list(errors)} if errors else {}
-                    yield failed_entry(spec, self.run_id, "generate", reason, **details)
+                    yield failed_entry(clip, self.run_id, "generate", reason, **details)
 
     def shutdown(self) -> None:
         for handles in self.actors.values():

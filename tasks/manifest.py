@@ -13,51 +13,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from infra.objectstore import ObjectStore
-from tasks.records import ManifestEntry
-
-MANIFEST_SCHEMA = pa.schema(
-    [
-        ("run_id", pa.string()),
-        ("row", pa.int64()),
-        ("sku", pa.string()),
-        ("status", pa.string()),
-        ("reason", pa.string()),
-        ("stage", pa.string()),
-        ("clip_id", pa.string()),
-        ("model", pa.string()),
-        ("seed", pa.int64()),
-        ("prompt", pa.string()),
-        ("prompt_sha256", pa.string()),
-        ("image_uri", pa.string()),
-        ("width", pa.int32()),
-        ("height", pa.int32()),
-        ("num_frames", pa.int32()),
-        ("fps", pa.int32()),
-        ("clip_key", pa.string()),
-        ("thumbnail_key", pa.string()),
-        ("video_bytes", pa.int64()),
-        ("generate_started_at", pa.timestamp("us", tz="UTC")),  # when the clip took its GPU
-        ("generate_seconds", pa.float64()),
-        ("expert_calls", pa.string()),  # JSON: transformer forward passes per expert
-        ("worker", pa.string()),
-        ("engine_mode", pa.string()),  # "exact", or the opt-in approximations that made the clip
-        ("profile", pa.string()),  # the post-production profile
-        ("experiment_id", pa.string()),  # A/B runs: experiment, variant and sample of the clip
-        ("variant_id", pa.string()),
-        ("sample", pa.int32()),
-        ("delivered_width", pa.int32()),
-        ("delivered_height", pa.int32()),
-        ("delivered_fps", pa.int32()),
-        ("delivered_frames", pa.int32()),
-        ("preview_key", pa.string()),
-        ("quarantine_key", pa.string()),  # a blocked clip, under the prefix normal readers cannot list
-        ("watermark_payload", pa.string()),  # hex; `wanfactory verify FILE` reads it back
-        ("filter_scores", pa.string()),  # JSON: the frame classifier's highest score per label
-        ("postprocess", pa.string()),  # JSON: each stage's parameters, outcome and CPU seconds
-        ("attempts", pa.int32()),  # generation attempts; more than one when an actor died during the clip
-        ("retried_after", pa.string()),  # JSON: the errors that lost the earlier attempts
-    ]
-)
+from tasks.records import ManifestEntry, manifest_schema
 
 
 @dataclass(frozen=True)
@@ -68,8 +24,32 @@ class ManifestLocation:
 
 
 def manifest_table(entries: Sequence[ManifestEntry]) -> pa.Table:
+    """The entries as one table, ordered by row, with the schema of their class.
+
+    Entries of a subclass with more fields (a fixture, an extension) get those columns too; a record
+    whose keys are not exactly the schema's columns is refused, never silently cut down.
+    """
+    entry_class = _common_class(entries)
+    schema = manifest_schema(entry_class)
     ordered = sorted(entries, key=lambda e: (e.row, e.clip_id or ""))
-    return pa.Table.from_pylist([e.to_record() for e in ordered], schema=MANIFEST_SCHEMA)
+    records = [e.to_record() for e in ordered]
+    for record in records:
+        if list(record) != schema.names:
+            unknown = sorted(set(record) - set(schema.names))
+            raise ValueError(
+                f"manifest record does not match {entry_class.__name__}'s columns: "
+                f"unknown {unknown}, missing {sorted(set(schema.names) - set(record))}"
+            )
+    return pa.Table.from_pylist(records, schema=schema)
+
+
+def _common_class(entries: Sequence[ManifestEntry]) -> type[ManifestEntry]:
+    """The most derived entry class, when every entry is an instance of it."""
+    classes = {type(e) for e in entries} or {ManifestEntry}
+    for candidate in classes:
+        if all(issubclass(candidate, other) for other in classes):
+            return candidate
+    raise TypeError(f"manifest entries of unrelated classes: {sorted(c.__name__ for c in classes)}")
 
 
 def status_counts(entries: Sequence[ManifestEntry]) -> dict[str, int]:

@@ -1,7 +1,10 @@
-"""Planning: validated catalog rows -> clip specs with deterministic ids, minus what is already done.
+"""Planning: validated catalog rows and prompt-sheet samples -> clip specs with deterministic ids,
+minus what is already done.
 
-Pure logic: the caller supplies the image digests it read and the keys already
-published, so every rule here is testable without storage or GPUs.
+Pure logic: the caller supplies what it read from storage (each image's digest, or why it cannot
+be used) and the keys already published, so every rule here is testable without storage or GPUs.
+The same planning runs in a run and in ``wanfactory catalog validate``, so a catalog that validates
+is one the run accepts.
 """
 
 from __future__ import annotations
@@ -9,27 +12,46 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Collection, Mapping
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
+from typing import Any
 
+from catalogs.problems import RowProblem, RowSource
 from catalogs.prompts import product_prompt
-from catalogs.schema import CatalogRow, RowProblem, ValidatedCatalog
-from catalogs.sheets import SheetProblem, SheetReadResult, expand_variants
+from catalogs.rules import ModelDefaults, product_seed
+from catalogs.schema import CatalogRow, ValidatedCatalog
+from catalogs.sheets import SheetReadResult, SheetRules, expand_variants
+from infra.settings import Settings
 from tasks.postprod.content_filter import PromptPolicy
-from tasks.postprod.profile import PostprocessProfile
+from tasks.postprod.profile import PostprocessProfile, load_profiles
 from tasks.records import ClipSpec, ClipStatus, ManifestEntry
-from wan_engine import GenerationRequest, UnknownModelError, get_model_spec, request_problems, resolve_request
+from wan_engine.requests import GenerationRequest, request_problems, resolve_request
+from wan_engine.specs import UnknownModelError
 
-# The engine's request fields, as the catalog calls them.
-_CATALOG_FIELD = {"image": "image_uri", "size": "size", "prompt": "prompt", "seed": "seed"}
+# The engine's request fields, as catalogs and sheets call them.
+_SOURCE_FIELD = {"image": "image_uri", "size": "size", "prompt": "prompt", "seed": "seed"}
 
 
-@dataclass(frozen=True)
+def model_defaults(settings: Settings) -> ModelDefaults:
+    return ModelDefaults(
+        variant=settings.model_variant,
+        text_model=settings.default_text_model,
+        image_model=settings.default_image_model,
+    )
+
+
+def sheet_rules(settings: Settings) -> SheetRules:
+    """How every reader of a prompt sheet (``ab submit``, the intake watcher, the run) checks it."""
+    return SheetRules(
+        models=model_defaults(settings),
+        postprocess_profiles=frozenset(load_profiles(settings.postprocess_profiles_path)),
+    )
+
+
+@dataclass(frozen=True, kw_only=True)
 class PlanningRules:
     """The run-wide choices planning applies to every row."""
 
-    variant: str  # "full" or "tiny"
-    default_text_model: str
-    default_image_model: str
+    models: ModelDefaults
     profiles: Mapping[str, PostprocessProfile]  # by name, logo digests filled in
     default_profile: str
     prompt_policy: PromptPolicy
@@ -38,17 +60,27 @@ class PlanningRules:
     model_versions: Mapping[str, str | None] = field(default_factory=dict)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
+class ImageCheck:
+    """What reading a referenced image found: its digest, or why it cannot be used."""
+
+    sha256: str | None = None
+    problem: str | None = None  # "no image found at ...", "cannot be decoded as an image: ..."
+
+
+@dataclass(frozen=True, kw_only=True)
 class Plan:
     clips: list[ClipSpec]  # to generate in this run
     skipped: list[ManifestEntry]  # already published with the same clip id
     rejected: list[ManifestEntry]  # rows that cannot become a clip, with the reason
     refused: list[ManifestEntry]  # clips the prompt policy stopped before any GPU time (quarantined)
+    # Every problem behind ``rejected`` and ``refused``, by row: what `catalog validate` lists.
+    problems: list[RowProblem] = field(default_factory=list)
 
-
-def derived_seed(sku: str) -> int:
-    """A stable per-product seed, so an unchanged product always gets the same clip."""
-    return int.from_bytes(hashlib.sha256(f"wanfactory-seed:{sku}".encode()).digest()[:4], "big")
+    @property
+    def entries(self) -> list[ManifestEntry]:
+        """Every entry planning decided by itself (all but the clips to generate)."""
+        return [*self.rejected, *self.refused, *self.skipped]
 
 
 def clip_id_for(determinants: Mapping[str, object]) -> str:
@@ -57,12 +89,16 @@ def clip_id_for(determinants: Mapping[str, object]) -> str:
     return hashlib.sha256(canonical.encode()).hexdigest()[:20]
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class ClipInputs:
     """What a catalog row or a prompt-sheet sample asks for, before the model's rules are applied."""
 
-    row: int
-    label: str  # the SKU, or "<experiment>/<variant>" for an A/B sample
+    source: RowSource
+    row: int  # in the source's own numbering
+    sku: str | None = None
+    experiment_id: str | None = None
+    variant_id: str | None = None
+    sample: int | None = None
     family: str
     prompt: str
     negative_prompt: str | None
@@ -70,30 +106,43 @@ class ClipInputs:
     size: tuple[int, int] | None
     image_uri: str | None
     profile: str
-    identity: dict[str, object]  # what names the clip besides its inputs (sku, or experiment/variant/sample)
-    num_frames: int | None = None  # None: the model's defaults
+    num_frames: int | None = None  # None: the model's default
     steps: int | None = None
-    experiment_id: str | None = None
-    variant_id: str | None = None
-    sample: int | None = None
+
+    @property
+    def identity(self) -> dict[str, object]:
+        """What names the clip besides its inputs: the product, or the experiment's variant and sample."""
+        if self.sku is not None:
+            return {"sku": self.sku}
+        return {"experiment": self.experiment_id, "variant": self.variant_id, "sample": self.sample}
+
+    def problem(self, field_name: str, message: str) -> RowProblem:
+        return RowProblem(
+            source=self.source,
+            row=self.row,
+            field=field_name,
+            message=message,
+            sku=self.sku,
+            experiment_id=self.experiment_id,
+            variant_id=self.variant_id,
+        )
 
 
 def plan_inputs(
-    inputs: ClipInputs, rules: PlanningRules, image_sha256: str | None
-) -> ClipSpec | list[tuple[str, str]]:
-    """The clip spec for ``inputs``, or every (field, message) problem that stops it."""
+    inputs: ClipInputs, rules: PlanningRules, image: ImageCheck | None
+) -> ClipSpec | list[RowProblem]:
+    """The clip spec for ``inputs``, or every problem that stops it.
+
+    ``image`` is what reading ``inputs.image_uri`` found (None when there is no image).
+    """
     try:
-        spec = get_model_spec(inputs.family, rules.variant)
+        spec = rules.models.spec_for(inputs.family, has_image=inputs.image_uri is not None)
     except UnknownModelError as err:
-        return [("model", str(err))]
+        return [inputs.problem("model", str(err))]
     profile = rules.profiles.get(inputs.profile)
     if profile is None:
-        return [
-            (
-                "postprocess_profile",
-                f"unknown profile {inputs.profile!r}; known: {', '.join(sorted(rules.profiles))}",
-            )
-        ]
+        known = ", ".join(sorted(rules.profiles))
+        return [inputs.problem("postprocess_profile", f"unknown profile {inputs.profile!r}; known: {known}")]
     width, height = inputs.size or (None, None)
     request = resolve_request(
         spec,
@@ -108,16 +157,19 @@ def plan_inputs(
         ),
     )
     problems = [
-        (_CATALOG_FIELD.get(p.field, p.field), p.message)
+        inputs.problem(_SOURCE_FIELD.get(p.field, p.field), p.message)
         for p in request_problems(spec, request, has_image=inputs.image_uri is not None)
     ]
-    if inputs.image_uri and image_sha256 is None:
-        problems.append(("image_uri", f"no image found at {inputs.image_uri}"))
+    if inputs.image_uri and (image is None or image.problem):
+        problems.append(
+            inputs.problem("image_uri", image.problem if image else f"no image found at {inputs.image_uri}")
+        )
     size_problem = profile.size_problem(request.width, request.height)
     if size_problem:
-        problems.append(("size", f"profile {profile.name!r}: {size_problem}"))
+        problems.append(inputs.problem("size", f"profile {profile.name!r}: {size_problem}"))
     if problems:
         return problems
+    image_sha256 = image.sha256 if image is not None else None
     determinants = {
         **inputs.identity,
         "model": spec.name,
@@ -131,58 +183,45 @@ def plan_inputs(
     return ClipSpec(
         clip_id=clip_id_for(determinants),
         row=inputs.row,
-        sku=inputs.label,
-        model=spec.name,
-        family=spec.family,
-        variant=spec.variant,
-        prompt=request.prompt,
-        negative_prompt=request.negative_prompt,
-        width=request.width,
-        height=request.height,
-        num_frames=request.num_frames,
-        fps=spec.fps,
-        steps=request.steps,
-        guidance_scale=request.guidance_scale,
-        guidance_scale_2=request.guidance_scale_2,
-        seed=request.seed,
-        image_uri=inputs.image_uri,
-        image_sha256=image_sha256,
-        prompt_sha256=hashlib.sha256(request.prompt.encode()).hexdigest(),
-        profile=profile.name,
+        sku=inputs.sku,
         experiment_id=inputs.experiment_id,
         variant_id=inputs.variant_id,
         sample=inputs.sample,
+        model=spec,
+        request=request,
+        image_uri=inputs.image_uri,
+        image_sha256=image_sha256,
+        profile=profile.name,
     )
 
 
-def plan_row(row: CatalogRow, rules: PlanningRules, image_sha256: str | None) -> ClipSpec | list[RowProblem]:
-    """The clip spec for one valid catalog row, or every problem that stops it."""
-    inputs = ClipInputs(
+def catalog_inputs(row: CatalogRow, rules: PlanningRules) -> ClipInputs:
+    """What a valid catalog row asks for, with the run's defaults."""
+    return ClipInputs(
+        source="catalog",
         row=row.row,
-        label=row.sku,
-        family=row.model or (rules.default_image_model if row.image_uri else rules.default_text_model),
+        sku=row.sku,
+        family=rules.models.family_for(row.model, row.image_uri is not None),
         prompt=product_prompt(row),
         negative_prompt=row.negative_prompt,
-        seed=derived_seed(row.sku) if row.seed is None else row.seed,
+        seed=product_seed(row.sku) if row.seed is None else row.seed,
         size=row.size,
         image_uri=row.image_uri,
         profile=row.postprocess_profile or rules.default_profile,
-        identity={"sku": row.sku},
         num_frames=row.num_frames,
         steps=row.steps,
     )
-    planned = plan_inputs(inputs, rules, image_sha256)
-    if isinstance(planned, ClipSpec):
-        return planned
-    return [RowProblem(row.row, row.sku, field, message) for field, message in planned]
 
 
 def rejection(run_id: str, problems: list[RowProblem], stage: str) -> ManifestEntry:
     """One failed manifest entry for a row, with all of its problems as the reason."""
+    first = problems[0]
     return ManifestEntry(
         run_id=run_id,
-        row=problems[0].row,
-        sku=problems[0].sku,
+        row=first.row or 0,
+        sku=first.sku,
+        experiment_id=first.experiment_id,
+        variant_id=first.variant_id,
         status=ClipStatus.FAILED,
         stage=stage,
         reason="; ".join(str(p) for p in problems),
@@ -190,99 +229,106 @@ def rejection(run_id: str, problems: list[RowProblem], stage: str) -> ManifestEn
 
 
 class _Triage:
-    """Sorts planned clips into: to make, already published (skipped), refused by the prompt policy."""
+    """Sorts rows into: rejected with their problems, clips to make, already published (skipped), and
+    refused by the prompt policy."""
 
     def __init__(self, rules: PlanningRules, run_id: str, published_keys: Collection[str]) -> None:
         self.rules, self.run_id, self.published = rules, run_id, published_keys
         self.clips: list[ClipSpec] = []
         self.skipped: list[ManifestEntry] = []
         self.refused: list[ManifestEntry] = []
+        self.rejected: list[ManifestEntry] = []
+        self.problems: list[RowProblem] = []
 
-    def add(self, planned: ClipSpec, locale: str | None) -> None:
-        decision = self.rules.prompt_policy.check(planned.prompt, locale or self.rules.default_locale)
+    def reject(self, problems: list[RowProblem], stage: str, **details: Any) -> None:
+        """Rows that cannot become clips: one failed entry per row, with all of its problems."""
+        self.problems += problems
+        by_row: dict[int | None, list[RowProblem]] = {}
+        for problem in problems:
+            by_row.setdefault(problem.row, []).append(problem)
+        self.rejected += [replace(rejection(self.run_id, row, stage), **details) for row in by_row.values()]
+
+    def add(self, inputs: ClipInputs, planned: ClipSpec | list[RowProblem], locale: str | None) -> None:
+        if isinstance(planned, list):
+            self.reject(planned, "plan", sample=inputs.sample)
+            return
+        clip = planned
+        decision = self.rules.prompt_policy.check(clip.request.prompt, locale or self.rules.default_locale)
         if not decision.allowed:
-            reason = f"prompt refused by the content policy: rule {decision.rule}, locale {decision.locale}"
+            refusal = f"prompt refused by the content policy: rule {decision.rule}, locale {decision.locale}"
+            problem = inputs.problem("prompt", refusal)
+            self.problems.append(problem)
             self.refused.append(
-                ManifestEntry.for_spec(
-                    planned, self.run_id, ClipStatus.QUARANTINED, stage="prompt_policy", reason=reason
+                ManifestEntry.of_clip(
+                    clip, self.run_id, ClipStatus.QUARANTINED, stage="prompt_policy", reason=str(problem)
                 )
             )
-        elif planned.clip_key in self.published:
+        elif clip.clip_key in self.published:
             self.skipped.append(
-                ManifestEntry.for_spec(
-                    planned,
+                ManifestEntry.of_clip(
+                    clip,
                     self.run_id,
                     ClipStatus.SKIPPED,
                     stage="plan",
                     reason="already published with the same inputs",
-                    clip_key=planned.clip_key,
-                    thumbnail_key=planned.thumbnail_key,
-                    preview_key=planned.preview_key,
+                    clip_key=clip.clip_key,
+                    thumbnail_key=clip.thumbnail_key,
+                    preview_key=clip.preview_key,
                 )
             )
         else:
-            self.clips.append(planned)
+            self.clips.append(clip)
 
-    def plan(self, rejected: list[ManifestEntry]) -> Plan:
-        rejected.sort(key=lambda entry: entry.row)
-        return Plan(clips=self.clips, skipped=self.skipped, rejected=rejected, refused=self.refused)
+    def plan(self) -> Plan:
+        return Plan(
+            clips=self.clips,
+            skipped=self.skipped,
+            rejected=sorted(self.rejected, key=lambda entry: entry.row),
+            refused=self.refused,
+            problems=sorted(self.problems, key=lambda problem: problem.row or 0),
+        )
 
 
 def plan_clips(
     catalog: ValidatedCatalog,
     rules: PlanningRules,
     run_id: str,
-    image_digests: Mapping[str, str | None],
+    images: Mapping[str, ImageCheck],
     published_keys: Collection[str],
 ) -> Plan:
-    """Plan every row: clips to make, clips already published, and rows rejected with reasons."""
-    by_row: dict[int, list[RowProblem]] = {}
-    for problem in catalog.problems:
-        by_row.setdefault(problem.row, []).append(problem)
-    rejected = [rejection(run_id, problems, "validate") for problems in by_row.values()]
+    """Plan every row: clips to make, clips already published, and rows rejected with reasons.
+
+    ``images`` holds what reading each referenced image found, by its URI.
+    """
     triage = _Triage(rules, run_id, published_keys)
+    triage.reject(catalog.problems, "validate")
     for row in catalog.rows:
-        planned = plan_row(row, rules, image_digests.get(row.image_uri) if row.image_uri else None)
-        if isinstance(planned, list):
-            rejected.append(rejection(run_id, planned, "plan"))
-        else:
-            triage.add(planned, row.locale)
-    return triage.plan(rejected)
+        inputs = catalog_inputs(row, rules)
+        image = images.get(row.image_uri) if row.image_uri else None
+        triage.add(inputs, plan_inputs(inputs, rules, image), row.locale)
+    return triage.plan()
 
 
 def plan_sheet(
     sheet: SheetReadResult,
     rules: PlanningRules,
     run_id: str,
-    image_digests: Mapping[str, str | None],
+    images: Mapping[str, ImageCheck],
     published_keys: Collection[str],
 ) -> Plan:
     """Plan every sample of every valid variant of a prompt sheet; bad rows become failed entries.
 
     Rows are the spreadsheet's own row numbers, so the manifest points a marketer at the row to fix.
     """
-    by_row: dict[int, list[SheetProblem]] = {}
-    for problem in sheet.problems:
-        by_row.setdefault(problem.row or 0, []).append(problem)
-    rejected = [
-        ManifestEntry(
-            run_id=run_id,
-            row=row,
-            sku=None,
-            status=ClipStatus.FAILED,
-            stage="validate",
-            reason="; ".join(str(p) for p in problems),
-            experiment_id=problems[0].experiment_id,
-            variant_id=problems[0].variant_id,
-        )
-        for row, problems in by_row.items()
-    ]
     triage = _Triage(rules, run_id, published_keys)
+    triage.reject(sheet.problems, "validate")
     for clip in expand_variants(sheet.variants):
-        label = f"{clip.experiment_id}/{clip.variant_id}"
         inputs = ClipInputs(
+            source="sheet",
             row=clip.row,
-            label=label,
+            experiment_id=clip.experiment_id,
+            variant_id=clip.variant_id,
+            sample=clip.sample,
             family=clip.model,
             prompt=clip.prompt,
             negative_prompt=clip.negative_prompt,
@@ -290,27 +336,7 @@ def plan_sheet(
             size=(clip.width, clip.height),
             image_uri=clip.image_uri,
             profile=clip.postprocess_profile or rules.default_profile,
-            identity={"experiment": clip.experiment_id, "variant": clip.variant_id, "sample": clip.sample},
-            experiment_id=clip.experiment_id,
-            variant_id=clip.variant_id,
-            sample=clip.sample,
         )
-        planned = plan_inputs(inputs, rules, image_digests.get(clip.image_uri) if clip.image_uri else None)
-        if isinstance(planned, list):
-            reason = "; ".join(f"row {clip.row}, column {field!r}: {message}" for field, message in planned)
-            rejected.append(
-                ManifestEntry(
-                    run_id=run_id,
-                    row=clip.row,
-                    sku=label,
-                    status=ClipStatus.FAILED,
-                    stage="plan",
-                    reason=reason,
-                    experiment_id=clip.experiment_id,
-                    variant_id=clip.variant_id,
-                    sample=clip.sample,
-                )
-            )
-        else:
-            triage.add(planned, None)
-    return triage.plan(rejected)
+        image = images.get(clip.image_uri) if clip.image_uri else None
+        triage.add(inputs, plan_inputs(inputs, rules, image), None)
+    return triage.plan()

@@ -26,7 +26,7 @@ from tasks.postprod.chain import ChainTools, StageError, finish_frames
 from tasks.postprod.content_filter import FrameClassifier
 from tasks.postprod.profile import PostprocessProfile
 from tasks.postprod.provenance import ProvenanceParams
-from tasks.records import ClipStatus, FinishedClip, GeneratedClip, ManifestEntry, failed_entry
+from tasks.records import ClipStatus, FinishedClip, GeneratedClip, ManifestEntry
 
 log = logging.getLogger(__name__)
 
@@ -51,40 +51,33 @@ def _logo(location: str, store: ObjectStoreConfig) -> Image.Image:
 
 def clip_metadata(finished: FinishedClip, run_id: str) -> dict[str, str]:
     """The S3 user metadata that identifies a published clip without its manifest."""
-    spec = finished.spec
+    clip = finished.clip
     metadata = {
-        "clip-id": spec.clip_id,
-        "sku": spec.sku,
-        "model": spec.model,
-        "seed": str(spec.seed),
-        "prompt-sha256": spec.prompt_sha256,
+        "clip-id": clip.clip_id,
+        "model": clip.model.name,
+        "seed": str(clip.request.seed),
+        "prompt-sha256": clip.prompt_sha256,
         "run-id": run_id,
         "frames": str(finished.frame_count),
         "fps": str(finished.fps),
-        "profile": spec.profile,
+        "profile": clip.profile,
     }
+    if clip.sku is not None:
+        metadata["sku"] = clip.sku
+    else:
+        metadata["experiment-id"] = clip.experiment_id or ""
+        metadata["variant-id"] = clip.variant_id or ""
+        metadata["sample"] = str(clip.sample)
     if finished.watermark_payload:
         metadata["watermark"] = finished.watermark_payload
     return metadata
 
 
-def _generation_details(generated: GeneratedClip) -> dict[str, object]:
-    """What the manifest records of a clip's generation, whatever became of the clip afterwards."""
-    return {
-        "generate_started_at": generated.started_at,
-        "generate_seconds": round(generated.seconds, 3),
-        "expert_calls": generated.expert_calls,
-        "worker": generated.worker,
-        "engine_mode": generated.engine_mode,
-    }
-
-
 def _entry(finished: FinishedClip, run_id: str, status: ClipStatus, **details: object) -> ManifestEntry:
-    return ManifestEntry.for_spec(
-        finished.spec,
+    return ManifestEntry.of_generated(
+        finished.generated,
         run_id,
         status,
-        **_generation_details(finished.generated),
         delivered_width=finished.width,
         delivered_height=finished.height,
         delivered_fps=finished.fps,
@@ -98,31 +91,31 @@ def _entry(finished: FinishedClip, run_id: str, status: ClipStatus, **details: o
 
 def publish_clip(store: ObjectStore, finished: FinishedClip, run_id: str) -> ManifestEntry:
     """Upload thumbnail, preview, then video; the video's key marks the clip as done, so it goes last."""
-    spec, metadata = finished.spec, clip_metadata(finished, run_id)
-    store.put_file(spec.thumbnail_key, finished.thumbnail_path, "image/jpeg", metadata)
+    clip, metadata = finished.clip, clip_metadata(finished, run_id)
+    store.put_file(clip.thumbnail_key, finished.thumbnail_path, "image/jpeg", metadata)
     if finished.preview_path is not None:
-        store.put_file(spec.preview_key, finished.preview_path, "image/webp", metadata)
-    store.put_file(spec.clip_key, finished.video_path, "video/mp4", metadata)
+        store.put_file(clip.preview_key, finished.preview_path, "image/webp", metadata)
+    store.put_file(clip.clip_key, finished.video_path, "video/mp4", metadata)
     return _entry(
         finished,
         run_id,
         ClipStatus.PUBLISHED,
         stage="publish",
-        clip_key=spec.clip_key,
-        thumbnail_key=spec.thumbnail_key,
-        preview_key=spec.preview_key if finished.preview_path is not None else None,
+        clip_key=clip.clip_key,
+        thumbnail_key=clip.thumbnail_key,
+        preview_key=clip.preview_key if finished.preview_path is not None else None,
         video_bytes=finished.video_path.stat().st_size,
     )
 
 
 def quarantine_clip(store: ObjectStore, finished: FinishedClip, run_id: str) -> ManifestEntry:
     """Put a blocked clip where reviewers with the writer's access can see it and readers cannot."""
-    spec, metadata = finished.spec, clip_metadata(finished, run_id)
+    clip, metadata = finished.clip, clip_metadata(finished, run_id)
     reason = "; ".join(finished.blocked)
-    key = QUARANTINE_PREFIX + spec.clip_key
-    store.put_file(QUARANTINE_PREFIX + spec.thumbnail_key, finished.thumbnail_path, "image/jpeg", metadata)
+    key = QUARANTINE_PREFIX + clip.clip_key
+    store.put_file(QUARANTINE_PREFIX + clip.thumbnail_key, finished.thumbnail_path, "image/jpeg", metadata)
     store.put_file(key, finished.video_path, "video/mp4", metadata)
-    log.warning("clip quarantined clip_id=%s sku=%s reason=%s", spec.clip_id, spec.sku, reason)
+    log.warning("clip quarantined clip_id=%s of=%s reason=%s", clip.clip_id, clip.label, reason)
     return _entry(
         finished,
         run_id,
@@ -136,15 +129,17 @@ def quarantine_clip(store: ObjectStore, finished: FinishedClip, run_id: str) -> 
 
 def finish_clip(generated: GeneratedClip, context: FinishingContext, run_id: str) -> ManifestEntry:
     """Post-process and publish one generated clip; any failure becomes a failed entry naming its stage."""
-    spec = generated.spec
+    clip = generated.clip
 
     def failed(stage: str, reason: str) -> ManifestEntry:
-        log.warning("clip failed clip_id=%s sku=%s stage=%s reason=%s", spec.clip_id, spec.sku, stage, reason)
-        return failed_entry(spec, run_id, stage, reason, **_generation_details(generated))
+        log.warning(
+            "clip failed clip_id=%s of=%s stage=%s reason=%s", clip.clip_id, clip.label, stage, reason
+        )
+        return ManifestEntry.of_generated(generated, run_id, ClipStatus.FAILED, stage=stage, reason=reason)
 
     if generated.error is not None:
         return failed("generate", generated.error)
-    profile = context.profiles[spec.profile]
+    profile = context.profiles[clip.profile]
     with tempfile.TemporaryDirectory(prefix="wanfactory-") as tmp:
         try:
             logo = _logo(profile.logo_location, context.store) if profile.logo_location else None

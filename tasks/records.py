@@ -1,27 +1,36 @@
-"""The typed records that flow through a run.
+"""The typed records that flow through a run, each fact stated once.
 
-catalog row -> :class:`ClipSpec` (planned) -> :class:`GeneratedClip` (frames from a
-generator actor) -> :class:`FinishedClip` (encoded files) -> :class:`ManifestEntry`
-(what happened, as stored in the run manifest). Every planned clip, and every
-catalog row that could not be planned, ends as exactly one manifest entry.
+catalog row or sheet sample -> :class:`ClipSpec` (planned: the model, the resolved generation
+request, where the clip came from) -> :class:`GeneratedClip` (frames from a generator actor, or
+the error that stopped it) -> :class:`FinishedClip` (post-produced files) ->
+:class:`ManifestEntry` (what happened, one row of the run manifest). Every planned clip, and
+every row that could not be planned, ends as exactly one manifest entry.
+
+The manifest's Arrow schema is derived from :class:`ManifestEntry` (:func:`manifest_schema`), so
+a field added to the entry is a column of every manifest, and a field of a type the manifest
+cannot store fails loudly instead of vanishing.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import functools
+import hashlib
 import json
+import types
+import typing
 from dataclasses import asdict, dataclass, field
 from datetime import datetime
 from enum import StrEnum
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
+import pyarrow as pa
 
 from tasks.postprod.report import StageReport
-from wan_engine import GenerationRequest
-
-if TYPE_CHECKING:
-    from PIL.Image import Image
+from wan_engine.requests import GenerationRequest
+from wan_engine.specs import ModelSpec
 
 
 class ClipStatus(StrEnum):
@@ -31,34 +40,39 @@ class ClipStatus(StrEnum):
     FAILED = "failed"  # invalid row, or an error in generation, encoding or upload
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class ClipSpec:
-    """One planned clip: every input that determines its frames, resolved and checked."""
+    """One planned clip: every input that determines its frames, resolved against its model and checked.
+
+    A catalog clip has a ``sku``; an A/B sample has ``experiment_id``, ``variant_id`` and ``sample``.
+    """
 
     clip_id: str
-    row: int
-    sku: str
-    model: str  # the spec name, e.g. "t2v-a14b" or "t2v-a14b-tiny"
-    family: str
-    variant: str
-    prompt: str
-    negative_prompt: str
-    width: int
-    height: int
-    num_frames: int
-    fps: int
-    steps: int
-    guidance_scale: float
-    guidance_scale_2: float | None
-    seed: int
-    image_uri: str | None
-    image_sha256: str | None
-    prompt_sha256: str
-    profile: str  # the post-production profile's name
-    # A/B samples: their experiment and variant (``sku`` is then "<experiment>/<variant>").
+    row: int  # in the source's own numbering (catalogs.problems): a catalog's position, a sheet's row
+    sku: str | None = None
     experiment_id: str | None = None
     variant_id: str | None = None
-    sample: int | None = None
+    sample: int | None = None  # 0-based among the variant's samples
+    model: ModelSpec
+    request: GenerationRequest  # resolved against the model; the image is loaded by the generator actor
+    image_uri: str | None = None
+    image_sha256: str | None = None
+    profile: str  # the post-production profile's name
+
+    @property
+    def label(self) -> str:
+        """What the clip is of, for people: the SKU, or ``experiment/variant``."""
+        return self.sku if self.sku is not None else f"{self.experiment_id}/{self.variant_id}"
+
+    @property
+    def prompt_sha256(self) -> str:
+        return hashlib.sha256(self.request.prompt.encode()).hexdigest()
+
+    @property
+    def frames_bytes(self) -> int:
+        """The size of the clip's generated frames (uint8 RGB), as they wait in Ray's object store."""
+        request = self.request
+        return (request.num_frames or 0) * (request.height or 0) * (request.width or 0) * 3
 
     @property
     def key_stem(self) -> str:
@@ -79,37 +93,26 @@ class ClipSpec:
     def preview_key(self) -> str:
         return f"{self.key_stem}.webp"
 
-    def request(self, image: Image | None = None) -> GenerationRequest:
-        return GenerationRequest(
-            prompt=self.prompt,
-            negative_prompt=self.negative_prompt,
-            seed=self.seed,
-            width=self.width,
-            height=self.height,
-            num_frames=self.num_frames,
-            steps=self.steps,
-            guidance_scale=self.guidance_scale,
-            guidance_scale_2=self.guidance_scale_2,
-            image=image,
-        )
 
-
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class GeneratedClip:
     """A generator actor's answer for one clip: frames, or the error that stopped it."""
 
-    spec: ClipSpec
-    frames: np.ndarray | None  # uint8 (frames, height, width, 3)
-    fps: int
-    seconds: float
-    expert_calls: dict[str, int]
+    clip: ClipSpec
+    frames: np.ndarray | None  # uint8 (frames, height, width, 3); None when ``error`` is set
     worker: str  # which actor (node and GPU) made it
-    error: str | None = None
-    engine_mode: str = "exact"  # or the approximations used, e.g. "approximate:step-cache-3"
+    engine_mode: str  # "exact", or the approximations used, e.g. "approximate:step-cache-3"
+    seconds: float = 0.0
+    expert_calls: dict[str, int] = field(default_factory=dict)
     started_at: datetime | None = None  # when the clip took its actor's GPU (UTC)
+    error: str | None = None
+
+    @property
+    def fps(self) -> int:
+        return self.clip.model.fps
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class FinishedClip:
     """A clip through post-production, in local files ready to upload (or to quarantine).
 
@@ -117,7 +120,6 @@ class FinishedClip:
     review, and never published. ``stages`` are the post-production stage reports, in order.
     """
 
-    spec: ClipSpec
     generated: GeneratedClip = field(repr=False)
     video_path: Path
     thumbnail_path: Path
@@ -131,84 +133,175 @@ class FinishedClip:
     blocked: tuple[str, ...] = ()
     filter_scores: dict[str, float] = field(default_factory=dict)
 
+    @property
+    def clip(self) -> ClipSpec:
+        return self.generated.clip
 
-@dataclass(frozen=True)
+
+# Manifest columns narrower than their Python type's default (int -> int64).
+_INT32: dict[str, Any] = {"arrow": pa.int32()}
+
+
+@dataclass(frozen=True, kw_only=True)
 class ManifestEntry:
-    """The outcome of one planned clip or one rejected catalog row."""
+    """The outcome of one planned clip or one rejected row: one row of the run manifest.
+
+    Its fields are the manifest's columns (:func:`manifest_schema`); dicts and lists are stored as
+    JSON text.
+    """
 
     run_id: str
-    row: int
-    sku: str | None
+    row: int  # in the source's own numbering (catalogs.problems)
+    sku: str | None = None  # catalog clips
     status: ClipStatus
     reason: str = ""  # why it failed or was skipped; empty when published
     stage: str = ""  # where it ended: validate, plan, generate, encode, upload, publish
     clip_id: str | None = None
-    model: str | None = None
+    model: str | None = None  # the model's name, e.g. "t2v-a14b" or "t2v-a14b-tiny"
     seed: int | None = None
     prompt: str | None = None
     prompt_sha256: str | None = None
     image_uri: str | None = None
-    width: int | None = None
-    height: int | None = None
-    num_frames: int | None = None
-    fps: int | None = None
+    width: int | None = field(default=None, metadata=_INT32)
+    height: int | None = field(default=None, metadata=_INT32)
+    num_frames: int | None = field(default=None, metadata=_INT32)
+    fps: int | None = field(default=None, metadata=_INT32)
     clip_key: str | None = None
     thumbnail_key: str | None = None
     video_bytes: int | None = None
     generate_started_at: datetime | None = None  # when the clip took its GPU: with the seconds, a timeline
     generate_seconds: float | None = None
-    expert_calls: dict[str, int] = field(default_factory=dict)
+    expert_calls: dict[str, int] = field(default_factory=dict)  # transformer forward passes per expert
     worker: str | None = None
-    engine_mode: str | None = None
-    profile: str | None = None
-    experiment_id: str | None = None
+    engine_mode: str | None = None  # "exact", or the opt-in approximations that made the clip
+    profile: str | None = None  # the post-production profile
+    experiment_id: str | None = None  # A/B runs: experiment, variant and sample of the clip
     variant_id: str | None = None
-    sample: int | None = None
-    delivered_width: int | None = None
-    delivered_height: int | None = None
-    delivered_fps: int | None = None
-    delivered_frames: int | None = None
+    sample: int | None = field(default=None, metadata=_INT32)
+    delivered_width: int | None = field(default=None, metadata=_INT32)
+    delivered_height: int | None = field(default=None, metadata=_INT32)
+    delivered_fps: int | None = field(default=None, metadata=_INT32)
+    delivered_frames: int | None = field(default=None, metadata=_INT32)
     preview_key: str | None = None
-    quarantine_key: str | None = None  # where a blocked clip was put for review
-    watermark_payload: str | None = None
-    filter_scores: dict[str, float] = field(default_factory=dict)  # the content filter's max per label
+    quarantine_key: str | None = None  # a blocked clip, under the prefix normal readers cannot list
+    watermark_payload: str | None = None  # hex; `wanfactory verify FILE` reads it back
+    filter_scores: dict[str, float] = field(default_factory=dict)  # the frame classifier's max per label
     postprocess: list[dict[str, Any]] = field(default_factory=list)  # stage reports: params, outcome, CPU s
-    attempts: int = 1  # generation attempts: more than one when an attempt was lost with its actor
+    # Generation attempts: more than one when an attempt was lost with its actor.
+    attempts: int = field(default=1, metadata=_INT32)
     retried_after: list[str] = field(default_factory=list)  # the errors that lost the earlier attempts
 
+    @property
+    def label(self) -> str:
+        """What the entry is of, for people: the SKU, ``experiment/variant``, or '' for a row with neither."""
+        if self.sku is not None:
+            return self.sku
+        if self.experiment_id is not None:
+            return f"{self.experiment_id}/{self.variant_id}"
+        return ""
+
     @classmethod
-    def for_spec(cls, spec: ClipSpec, run_id: str, status: ClipStatus, **details: Any) -> ManifestEntry:
+    def of_clip(cls, clip: ClipSpec, run_id: str, status: ClipStatus, **details: Any) -> ManifestEntry:
+        """The entry of a planned clip: what the plan fixed, plus ``details`` of what became of it."""
+        request = clip.request
         return cls(
             run_id=run_id,
-            row=spec.row,
-            sku=spec.sku,
+            row=clip.row,
+            sku=clip.sku,
+            experiment_id=clip.experiment_id,
+            variant_id=clip.variant_id,
+            sample=clip.sample,
             status=status,
-            clip_id=spec.clip_id,
-            model=spec.model,
-            seed=spec.seed,
-            prompt=spec.prompt,
-            prompt_sha256=spec.prompt_sha256,
-            image_uri=spec.image_uri,
-            width=spec.width,
-            height=spec.height,
-            num_frames=spec.num_frames,
-            fps=spec.fps,
-            profile=spec.profile,
-            experiment_id=spec.experiment_id,
-            variant_id=spec.variant_id,
-            sample=spec.sample,
+            clip_id=clip.clip_id,
+            model=clip.model.name,
+            seed=request.seed,
+            prompt=request.prompt,
+            prompt_sha256=clip.prompt_sha256,
+            image_uri=clip.image_uri,
+            width=request.width,
+            height=request.height,
+            num_frames=request.num_frames,
+            fps=clip.model.fps,
+            profile=clip.profile,
+            **details,
+        )
+
+    @classmethod
+    def of_generated(
+        cls, generated: GeneratedClip, run_id: str, status: ClipStatus, **details: Any
+    ) -> ManifestEntry:
+        """The entry of a clip that reached a generator: with what its generation recorded."""
+        return cls.of_clip(
+            generated.clip,
+            run_id,
+            status,
+            generate_started_at=generated.started_at,
+            generate_seconds=round(generated.seconds, 3),
+            expert_calls=generated.expert_calls,
+            worker=generated.worker,
+            engine_mode=generated.engine_mode,
             **details,
         )
 
     def to_record(self) -> dict[str, Any]:
-        """A flat record for Parquet and JSON (nested fields as JSON strings)."""
+        """A flat record for Parquet and JSON: the schema's columns, dicts and lists as JSON text."""
         record = asdict(self)
-        record["status"] = str(self.status)
-        for name in ("expert_calls", "filter_scores", "postprocess", "retried_after"):
-            record[name] = json.dumps(record[name], sort_keys=True, default=str)
+        for name, arrow_field in zip(record, manifest_schema(type(self)), strict=True):
+            if arrow_field.metadata and arrow_field.metadata.get(b"json") == b"true":
+                record[name] = json.dumps(record[name], sort_keys=True, default=str)
+            elif isinstance(record[name], StrEnum):
+                record[name] = str(record[name])
         return record
 
 
-def failed_entry(spec: ClipSpec, run_id: str, stage: str, reason: str, **details: Any) -> ManifestEntry:
-    """The manifest entry of a planned clip that stopped at ``stage``."""
-    return ManifestEntry.for_spec(spec, run_id, ClipStatus.FAILED, stage=stage, reason=reason, **details)
+def failed_entry(clip: ClipSpec, run_id: str, stage: str, reason: str, **details: Any) -> ManifestEntry:
+    """The manifest entry of a planned clip that stopped at ``stage`` before reaching a generator."""
+    return ManifestEntry.of_clip(clip, run_id, ClipStatus.FAILED, stage=stage, reason=reason, **details)
+
+
+_ARROW_TYPES: dict[type, pa.DataType] = {
+    str: pa.string(),
+    int: pa.int64(),
+    float: pa.float64(),
+    bool: pa.bool_(),
+    datetime: pa.timestamp("us", tz="UTC"),
+}
+
+
+@functools.cache
+def manifest_schema(entry_class: type[ManifestEntry] = ManifestEntry) -> pa.Schema:
+    """The manifest's Arrow schema: one column per field of ``entry_class``, in field order.
+
+    Plain values map to their Arrow types (``metadata={"arrow": ...}`` on a field narrows one), string
+    enums to strings, and dicts and lists to JSON text. A field of any other type raises TypeError
+    naming it: the manifest never silently drops a field.
+    """
+    hints = typing.get_type_hints(entry_class)
+    columns = []
+    for entry_field in dataclasses.fields(entry_class):
+        annotation = _without_none(hints[entry_field.name])
+        origin = typing.get_origin(annotation) or annotation
+        if "arrow" in entry_field.metadata:
+            columns.append(pa.field(entry_field.name, entry_field.metadata["arrow"]))
+        elif origin in (dict, list):
+            columns.append(pa.field(entry_field.name, pa.string(), metadata={"json": "true"}))
+        elif isinstance(origin, type) and issubclass(origin, StrEnum):
+            columns.append(pa.field(entry_field.name, pa.string()))
+        elif origin in _ARROW_TYPES:
+            columns.append(pa.field(entry_field.name, _ARROW_TYPES[origin]))
+        else:
+            raise TypeError(
+                f"{entry_class.__name__}.{entry_field.name}: the manifest cannot store {annotation!r}; "
+                "use a plain value, a string enum, a dict or a list, "
+                "or give the field metadata={'arrow': <pyarrow type>}"
+            )
+    return pa.schema(columns)
+
+
+def _without_none(annotation: Any) -> Any:
+    """``X | None`` -> ``X``."""
+    if isinstance(annotation, types.UnionType) or typing.get_origin(annotation) is typing.Union:
+        others = [arg for arg in typing.get_args(annotation) if arg is not type(None)]
+        if len(others) == 1:
+            return others[0]
+    return annotation

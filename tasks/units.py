@@ -7,10 +7,8 @@ batch of ``clips_per_task`` clips (a 10,000-row catalog is ~160 render tasks, no
 
 from __future__ import annotations
 
-import hashlib
 import re
 from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
 from datetime import timedelta
 from uuid import UUID
 
@@ -26,21 +24,18 @@ from tqdm import tqdm
 
 from catalogs.schema import CatalogSchemaError, ValidatedCatalog
 from catalogs.sheets import SheetFormatError, SheetReadResult, load_prompt_sheet
-from catalogs.sources import load_catalog, read_bytes
+from catalogs.sources import load_catalog
 from infra.objectstore import ObjectStore
 from infra.settings import Settings
 from tasks.experiments import ExperimentOutputs, experiment_markdown, write_experiment_outputs
 from tasks.fleet import FleetShape, GenerationFleet
+from tasks.inputs import check_images, planning_rules
 from tasks.manifest import ManifestLocation, status_counts, write_manifest
-from tasks.planning import Plan, PlanningRules, plan_clips, plan_sheet
+from tasks.planning import Plan, plan_clips, plan_sheet, sheet_rules
 from tasks.postprod.profile import ProfileError
 from tasks.postproduction import Postproduction, prepare_postproduction
 from tasks.publish import FinishingContext
 from tasks.records import ClipSpec, ClipStatus, ManifestEntry
-from wan_engine import MODEL_FAMILIES, get_model_spec, model_location, model_version
-
-# Reading images for their digests is I/O bound: a few threads hide the object store's latency.
-_DIGEST_THREADS = 8
 
 
 class RunProgress:
@@ -86,19 +81,6 @@ def load_catalog_task(catalog_uri: str, settings: Settings) -> ValidatedCatalog:
     return catalog
 
 
-def _digest(uri: str, store: ObjectStore) -> tuple[str, str | None]:
-    try:
-        return uri, hashlib.sha256(read_bytes(uri, store.client)).hexdigest()
-    except Exception:
-        return uri, None
-
-
-def _image_digests(uris: set[str | None], store: ObjectStore) -> dict[str, str | None]:
-    """The SHA-256 of every referenced image (None where it cannot be read), read a few at a time."""
-    with ThreadPoolExecutor(_DIGEST_THREADS) as pool:
-        return dict(pool.map(lambda uri: _digest(uri, store), sorted(u for u in uris if u)))
-
-
 def _log_plan(plan: Plan) -> Plan:
     get_run_logger().info(
         "plan to_generate=%d skipped=%d rejected=%d refused_by_prompt_policy=%d",
@@ -112,15 +94,8 @@ def _log_plan(plan: Plan) -> Plan:
 
 # A sheet is read fresh every run (it may have been re-uploaded under the same name).
 @task(retries=2, retry_delay_seconds=5, retry_condition_fn=_transient, cache_policy=NO_CACHE)
-def load_sheet_task(sheet_uri: str, settings: Settings, postproduction: Postproduction) -> SheetReadResult:
-    sheet = load_prompt_sheet(
-        sheet_uri,
-        ObjectStore(settings.object_store()).client,
-        model_variant=settings.model_variant,
-        default_text_model=settings.default_text_model,
-        default_image_model=settings.default_image_model,
-        postprocess_profiles=postproduction.profiles,
-    )
+def load_sheet_task(sheet_uri: str, settings: Settings) -> SheetReadResult:
+    sheet = load_prompt_sheet(sheet_uri, sheet_rules(settings), ObjectStore(settings.object_store()).client)
     get_run_logger().info(
         "sheet loaded uri=%s variants=%d problems=%d", sheet_uri, len(sheet.variants), len(sheet.problems)
     )
@@ -136,9 +111,10 @@ def plan_sheet_task(
     force: bool = False,
 ) -> Plan:
     store = ObjectStore(settings.object_store())
-    digests = _image_digests({v.image_uri for v in sheet.variants}, store)
+    images = check_images((v.image_uri for v in sheet.variants), store)
     published = set() if force else set(store.list_keys("experiments/"))
-    return _log_plan(plan_sheet(sheet, _rules(settings, postproduction, store), run_id, digests, published))
+    rules = planning_rules(settings, postproduction, store)
+    return _log_plan(plan_sheet(sheet, rules, run_id, images, published))
 
 
 @task(retries=3, retry_delay_seconds=5, cache_policy=NO_CACHE)
@@ -166,25 +142,6 @@ def _artifact_key(name: str) -> str:
     return re.sub(r"[^a-z0-9-]+", "-", name.lower()).strip("-") or "experiment"
 
 
-def _rules(settings: Settings, postproduction: Postproduction, store: ObjectStore) -> PlanningRules:
-    versions = {
-        family: model_version(
-            model_location(settings.model_root, get_model_spec(family, settings.model_variant)), store.client
-        )
-        for family in MODEL_FAMILIES
-    }
-    return PlanningRules(
-        variant=settings.model_variant,
-        default_text_model=settings.default_text_model,
-        default_image_model=settings.default_image_model,
-        profiles=postproduction.profiles,
-        default_profile=postproduction.default_profile,
-        prompt_policy=postproduction.prompt_policy,
-        default_locale=settings.content_locale,
-        model_versions=versions,
-    )
-
-
 # Profiles, logos and certificates may change between runs: read fresh, retried on storage hiccups.
 @task(retries=2, retry_delay_seconds=5, retry_condition_fn=_transient, cache_policy=NO_CACHE)
 def prepare_postproduction_task(settings: Settings) -> Postproduction:
@@ -208,11 +165,12 @@ def plan_task(
     force_skus: Sequence[str] = (),
 ) -> Plan:
     store = ObjectStore(settings.object_store())
-    digests = _image_digests({row.image_uri for row in catalog.rows}, store)
+    images = check_images((row.image_uri for row in catalog.rows), store)
     published = set() if force else set(store.list_keys("clips/"))
     # clips/<sku>/<clip_id>.mp4: forcing a product forgets that its clips are published.
     published = {key for key in published if key.split("/")[1] not in set(force_skus)}
-    return _log_plan(plan_clips(catalog, _rules(settings, postproduction, store), run_id, digests, published))
+    rules = planning_rules(settings, postproduction, store)
+    return _log_plan(plan_clips(catalog, rules, run_id, images, published))
 
 
 # Loading models takes minutes at real size: its own task, so the UI shows where the time goes.
@@ -240,9 +198,9 @@ def render_batch_task(
         entries.append(entry)
         progress.advance()
         logger.info(
-            "clip %s sku=%s clip_id=%s model=%s%s",
+            "clip %s of=%s clip_id=%s model=%s%s",
             entry.status,
-            entry.sku,
+            entry.label,
             entry.clip_id,
             entry.model,
             f" stage={entry.stage} reason={entry.reason}" if entry.status != ClipStatus.PUBLISHED else "",
@@ -272,7 +230,7 @@ def report_task(
         table=[
             {
                 "row": e.row,
-                "sku": e.sku or "",
+                "sku": e.label,
                 "status": str(e.status),
                 "model": e.model or "",
                 "seconds": e.generate_seconds,
@@ -296,7 +254,7 @@ def report_task(
         lines += ["", "## Failed and quarantined", "", "| row | sku or variant | status | stage | reason |"]
         lines += ["|---|---|---|---|---|"]
         lines += [
-            f"| {e.row} | {e.sku or ''} | {e.status} | {e.stage} | {e.reason.replace('|', '/')} |"
+            f"| {e.row} | {e.label} | {e.status} | {e.stage} | {e.reason.replace('|', '/')} |"
             for e in failures
         ]
     create_markdown_artifact(key="run-summary", markdown="\n".join(lines), description=f"Summary of {run_id}")

@@ -11,20 +11,19 @@ import pyarrow.parquet as pq
 import pytest
 
 from catalogs.prompts import STYLES, product_prompt
+from catalogs.rules import ModelDefaults, product_seed
 from catalogs.sample import SAMPLE_CATALOG, SAMPLE_PRODUCTS, synthetic_catalog
 from catalogs.schema import CATALOG_SCHEMA, CatalogSchemaError, validate_catalog
 from catalogs.sources import load_catalog, resolve_reference
 from tasks.fleet import plan_fleets
-from tasks.planning import PlanningRules, derived_seed, plan_clips
+from tasks.planning import ImageCheck, PlanningRules, plan_clips
 from tasks.postprod.content_filter import PromptPolicy
 from tasks.postprod.profile import ProfileError, load_profiles, parse_profiles
 from tasks.records import ClipStatus
 
 PROFILES = load_profiles()
 RULES = PlanningRules(
-    variant="tiny",
-    default_text_model="t2v-a14b",
-    default_image_model="i2v-a14b",
+    models=ModelDefaults(variant="tiny", text_model="t2v-a14b", image_model="i2v-a14b"),
     profiles=PROFILES,
     default_profile="standard",
     prompt_policy=PromptPolicy.load(),
@@ -37,9 +36,9 @@ def catalog_table(rows: list[dict]) -> pa.Table:
     return pa.Table.from_pylist([{**base, **row} for row in rows], schema=CATALOG_SCHEMA)
 
 
-def digests_of(catalog) -> dict[str, str]:
+def digests_of(catalog) -> dict[str, ImageCheck]:
     return {
-        row.image_uri: hashlib.sha256(open(row.image_uri, "rb").read()).hexdigest()
+        row.image_uri: ImageCheck(sha256=hashlib.sha256(open(row.image_uri, "rb").read()).hexdigest())
         for row in catalog.rows
         if row.image_uri
     }
@@ -51,7 +50,7 @@ def test_sample_catalog_is_valid_and_plans_every_row():
     assert sum(1 for row in catalog.rows if row.image_uri) >= 3
     plan = plan_clips(catalog, RULES, "run-1", digests_of(catalog), published_keys=set())
     assert not plan.rejected and len(plan.clips) == len(catalog.rows)
-    assert {clip.model for clip in plan.clips} == {"t2v-a14b-tiny", "i2v-a14b-tiny", "ti2v-5b-tiny"}
+    assert {clip.model.name for clip in plan.clips} == {"t2v-a14b-tiny", "i2v-a14b-tiny", "ti2v-5b-tiny"}
 
 
 def test_validation_names_row_and_field_and_keeps_good_rows():
@@ -126,12 +125,16 @@ def test_clip_ids_are_deterministic_and_follow_every_input():
     plan = plan_clips(validate_catalog(base), RULES, "run-1", {}, set())
     again = plan_clips(validate_catalog(base), RULES, "run-2", {}, set())
     assert [c.clip_id for c in plan.clips] == [c.clip_id for c in again.clips]
-    assert plan.clips[0].seed == derived_seed("A") and plan.clips[1].seed == 7
+    assert plan.clips[0].request.seed == product_seed("A") and plan.clips[1].request.seed == 7
     changed = catalog_table([{"sku": "A", "description": "A different mug."}, {"sku": "B", "seed": 8}])
     replanned = plan_clips(validate_catalog(changed), RULES, "run-3", {}, set())
     assert all(a.clip_id != b.clip_id for a, b in zip(plan.clips, replanned.clips, strict=True))
     other_model = plan_clips(
-        validate_catalog(base), replace(RULES, default_text_model="ti2v-5b"), "r", {}, set()
+        validate_catalog(base),
+        replace(RULES, models=replace(RULES.models, text_model="ti2v-5b")),
+        "r",
+        {},
+        set(),
     )
     assert other_model.clips[0].clip_id != plan.clips[0].clip_id
     # The post-production profile determines the clip too: another profile, or a changed one.
@@ -235,7 +238,9 @@ def test_rows_the_models_cannot_do_are_rejected_with_reasons():
             {"sku": "I2V-NO-IMAGE", "model": "i2v-a14b"},
         ]
     )
-    plan = plan_clips(validate_catalog(table), RULES, "run-1", {"/here/photo.png": "ab" * 32}, set())
+    plan = plan_clips(
+        validate_catalog(table), RULES, "run-1", {"/here/photo.png": ImageCheck(sha256="ab" * 32)}, set()
+    )
     assert [c.sku for c in plan.clips] == ["OK"]
     reasons = {entry.sku: entry.reason for entry in plan.rejected}
     assert all(entry.status == ClipStatus.FAILED and entry.stage == "plan" for entry in plan.rejected)
@@ -261,8 +266,8 @@ def test_rows_choose_frames_and_steps_within_the_models_rules():
     plan = plan_clips(catalog, RULES, "run-1", {}, set())
     clips = {c.sku: c for c in plan.clips}
     assert sorted(clips) == ["DEFAULT", "SHORT"]
-    assert (clips["DEFAULT"].num_frames, clips["DEFAULT"].steps) == (17, 40)  # the tiny model's defaults
-    assert (clips["SHORT"].num_frames, clips["SHORT"].steps) == (9, 4)
+    assert (clips["DEFAULT"].request.num_frames, clips["DEFAULT"].request.steps) == (17, 40)  # tiny defaults
+    assert (clips["SHORT"].request.num_frames, clips["SHORT"].request.steps) == (9, 4)
     reasons = {entry.sku: entry.reason for entry in plan.rejected}
     assert "field 'num_frames': 10 must be 4k+1 and at most 33" in reasons["NOT-4K1"]
     assert "field 'num_frames': 81 must be 4k+1 and at most 33" in reasons["TOO-LONG"]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import datetime as dt
 import hashlib
 import io
+from dataclasses import replace
 from pathlib import Path
 
 import openpyxl
@@ -12,19 +13,22 @@ import pyarrow.parquet as pq
 import pytest
 
 from catalogs.prompts import STYLES
+from catalogs.rules import ModelDefaults, sample_seed
 from catalogs.sheets import (
     PROMPT_SHEET_SCHEMA,
     SheetFormatError,
+    SheetRules,
     expand_variants,
     load_prompt_sheet,
     read_prompt_sheet,
-    sample_seed,
     variants_from_table,
 )
-from tasks.planning import PlanningRules, plan_sheet
+from tasks.planning import ImageCheck, PlanningRules, plan_sheet
 from tasks.postprod.content_filter import PromptPolicy
 from tasks.postprod.profile import load_profiles
 
+# What a run with real weights reads sheets with: the default models, any profile name.
+FULL = SheetRules(models=ModelDefaults(variant="full", text_model="t2v-a14b", image_model="i2v-a14b"))
 SAMPLE_SHEET = Path(__file__).parent.parent / "catalogs" / "sample" / "ab_sheet.csv"
 
 HEADERS = [
@@ -100,7 +104,7 @@ def _xlsx_bytes() -> bytes:
 
 @pytest.fixture(scope="module")
 def xlsx_read():
-    return read_prompt_sheet(_xlsx_bytes(), "spring.xlsx")
+    return read_prompt_sheet(_xlsx_bytes(), "spring.xlsx", rules=FULL)
 
 
 def test_xlsx_good_rows_parse(xlsx_read):
@@ -167,9 +171,9 @@ def test_every_problem_of_a_row_is_reported_and_pairs_are_exclusive():
         "e1,v2,a prompt,,1 1,,,,ti2v-5b\n"
         "e1,V2,,outdoor,,,9:16,,\n"
     )
-    read = read_prompt_sheet(csv.encode(), "s.csv")
+    read = read_prompt_sheet(csv.encode(), "s.csv", rules=FULL)
     assert read.variants == []
-    assert [(p.row, p.column) for p in read.problems] == [
+    assert [(p.row, p.field) for p in read.problems] == [
         (2, "template"),  # both prompt and template
         (2, "size"),  # both aspect ratio and size
         (2, "samples"),  # both seeds and samples
@@ -190,7 +194,7 @@ def test_csv_from_excel_with_bom_messy_headers_and_multiline_cells():
         ",,,,,\r\n"
         ",,,,,\r\n"
     )
-    read = read_prompt_sheet(csv.encode("utf-8"), "launch.csv")
+    read = read_prompt_sheet(csv.encode("utf-8"), "launch.csv", rules=FULL)
     hero, side = read.variants
     assert (hero.experiment_id, hero.variant_id, hero.row) == ("launch", "hero", 2)
     assert hero.prompt == "Slow dolly-in on the lamp, warm evening light"
@@ -212,7 +216,7 @@ def test_csv_from_excel_in_a_decimal_comma_locale():
         "dessert;A;Crème brûlée in a café, the spoon cracks the sugar;2\r\n"
         "café;B;Crème brûlée;2\r\n"
     ).encode("cp1252")
-    read = read_prompt_sheet(csv, "fr.csv")
+    read = read_prompt_sheet(csv, "fr.csv", rules=FULL)
     (variant,) = read.variants
     assert variant.prompt == "Crème brûlée in a café, the spoon cracks the sugar"
     assert len(variant.seeds) == 2
@@ -224,17 +228,17 @@ def test_csv_from_excel_in_a_decimal_comma_locale():
 
 def test_sheet_level_mistakes_raise_with_what_to_change(tmp_path):
     with pytest.raises(SheetFormatError, match="no variant_id column"):
-        read_prompt_sheet(b"Experiment ID,Prompt\ne,p\n", "a.csv")
+        read_prompt_sheet(b"Experiment ID,Prompt\ne,p\n", "a.csv", rules=FULL)
     with pytest.raises(SheetFormatError, match="neither a prompt nor a template"):
-        read_prompt_sheet(b"Experiment ID,Variant\ne,v\n", "a.csv")
+        read_prompt_sheet(b"Experiment ID,Variant\ne,v\n", "a.csv", rules=FULL)
     with pytest.raises(SheetFormatError, match=r"'Seeds' \(C\) and 'seed' \(D\) are both seeds"):
-        read_prompt_sheet(b"experiment_id,variant_id,Seeds,seed,prompt\n", "a.csv")
+        read_prompt_sheet(b"experiment_id,variant_id,Seeds,seed,prompt\n", "a.csv", rules=FULL)
     with pytest.raises(SheetFormatError, match="row 1 must hold the column headers"):
-        read_prompt_sheet(b"\n\nexperiment_id,variant_id,prompt\n", "a.csv")
+        read_prompt_sheet(b"\n\nexperiment_id,variant_id,prompt\n", "a.csv", rules=FULL)
     with pytest.raises(SheetFormatError, match=r"\.xlsx workbook or a \.csv file"):
-        read_prompt_sheet(b"whatever", "a.ods")
+        read_prompt_sheet(b"whatever", "a.ods", rules=FULL)
     with pytest.raises(SheetFormatError, match="could not be read as an Excel workbook"):
-        read_prompt_sheet(b"not a zip", "a.xlsx")
+        read_prompt_sheet(b"not a zip", "a.xlsx", rules=FULL)
 
 
 def test_workbook_sheet_choice_profiles_and_tiny_sizes():
@@ -246,16 +250,17 @@ def test_workbook_sheet_choice_profiles_and_tiny_sizes():
     sheet.append(["e", "social", "p", "reels", "9:16"])
     buffer = io.BytesIO()
     workbook.save(buffer)
-    read = read_prompt_sheet(
-        buffer.getvalue(), "e.xlsx", sheet="Variants", model_variant="tiny", postprocess_profiles={"web-hero"}
+    tiny_web = SheetRules(
+        models=replace(FULL.models, variant="tiny"), postprocess_profiles=frozenset({"web-hero"})
     )
+    read = read_prompt_sheet(buffer.getvalue(), "e.xlsx", sheet="Variants", rules=tiny_web)
     (web,) = read.variants
     assert (web.postprocess_profile, web.model_variant, web.width, web.height) == ("web-hero", "tiny", 64, 64)
     assert [str(p) for p in read.problems] == [
         "row 3, column 'postprocess_profile': 'reels' is not one of the profiles: web-hero"
     ]
     with pytest.raises(SheetFormatError, match="Worksheet named 'Nope' not found"):
-        read_prompt_sheet(buffer.getvalue(), "e.xlsx", sheet="Nope")
+        read_prompt_sheet(buffer.getvalue(), "e.xlsx", sheet="Nope", rules=FULL)
 
 
 def test_parquet_round_trip_keeps_schema_and_variants(xlsx_read, tmp_path):
@@ -269,7 +274,7 @@ def test_parquet_round_trip_keeps_schema_and_variants(xlsx_read, tmp_path):
 
 
 def test_seeds_and_clips_are_deterministic(xlsx_read):
-    again = read_prompt_sheet(_xlsx_bytes(), "spring.xlsx")
+    again = read_prompt_sheet(_xlsx_bytes(), "spring.xlsx", rules=FULL)
     clips = expand_variants(xlsx_read.variants)
     assert clips == expand_variants(again.variants)
     assert [(c.variant_id, c.sample, c.seed) for c in clips] == [
@@ -289,7 +294,7 @@ def test_seeds_and_clips_are_deterministic(xlsx_read):
 
 
 def test_paired_variants_share_seeds_and_every_clip_is_a_valid_request():
-    read = load_prompt_sheet(str(SAMPLE_SHEET))
+    read = load_prompt_sheet(str(SAMPLE_SHEET), rules=FULL)
     assert (read.problems, read.warnings) == ([], [])
     by_id = {v.variant_id: v for v in read.variants}
     assert len(by_id) == 6
@@ -297,18 +302,17 @@ def test_paired_variants_share_seeds_and_every_clip_is_a_valid_request():
     assert by_id["A-studio"].seeds == by_id["B-morning"].seeds == by_id["C-from-photo"].seeds
     image = by_id["C-from-photo"].image_uri
     assert image is not None and Path(image).is_file()  # resolved against the sheet's folder
-    digests = {image: hashlib.sha256(Path(image).read_bytes()).hexdigest()}
+    digests = {image: ImageCheck(sha256=hashlib.sha256(Path(image).read_bytes()).hexdigest())}
     for variant_model in ("full", "tiny"):
         # Through the planner the A/B flow uses: each clip's request passes the model's rules and its profile.
+        models = replace(FULL.models, variant=variant_model)
         rules = PlanningRules(
-            variant=variant_model,
-            default_text_model="t2v-a14b",
-            default_image_model="i2v-a14b",
+            models=models,
             profiles=load_profiles(),
             default_profile="standard",
             prompt_policy=PromptPolicy.load(),
         )
-        sheet = load_prompt_sheet(str(SAMPLE_SHEET), model_variant=variant_model)
+        sheet = load_prompt_sheet(str(SAMPLE_SHEET), rules=SheetRules(models=models))
         plan = plan_sheet(sheet, rules, "run-sample", digests, set())
         assert [entry.reason for entry in plan.rejected + plan.refused] == []
         assert len(plan.clips) == len(expand_variants(sheet.variants)) == 18

@@ -15,6 +15,9 @@ from wan_engine.specs import ModelSpec
 if TYPE_CHECKING:
     from PIL.Image import Image
 
+# Seeds seed torch.Generator, which takes a signed 64-bit integer.
+MAX_SEED = 2**63 - 1
+
 
 @dataclass(frozen=True)
 class GenerationRequest:
@@ -77,8 +80,8 @@ def request_problems(spec: ModelSpec, request: GenerationRequest, has_image: boo
     problems = []
     if not request.prompt.strip():
         problems.append(RequestProblem("prompt", "is empty"))
-    if not 0 <= request.seed < 2**63:
-        problems.append(RequestProblem("seed", f"{request.seed} is outside 0..2**63-1"))
+    if not 0 <= request.seed <= MAX_SEED:
+        problems.append(RequestProblem("seed", f"{request.seed} is outside 0 to {MAX_SEED}"))
     size = (request.width, request.height)
     if size not in spec.sizes:
         allowed = ", ".join(f"{w}x{h}" for w, h in spec.sizes)

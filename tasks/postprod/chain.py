@@ -87,11 +87,11 @@ def finish_frames(
     Raises :class:`StageError` naming the stage that failed; a clip the content filter blocks
     comes back with ``blocked`` set, encoded from the model's frames for review.
     """
-    spec, frames, fps = generated.spec, generated.frames, generated.fps
+    clip, frames, fps = generated.clip, generated.frames, generated.fps
     if frames is None:
-        raise StageError("generate", ValueError(f"clip {spec.clip_id} has no frames"))
+        raise StageError("generate", ValueError(f"clip {clip.clip_id} has no frames"))
     out_dir.mkdir(parents=True, exist_ok=True)
-    video, thumbnail = out_dir / f"{spec.clip_id}.mp4", out_dir / f"{spec.clip_id}.jpg"
+    video, thumbnail = out_dir / f"{clip.clip_id}.mp4", out_dir / f"{clip.clip_id}.jpg"
     with _stage("content_filter"):
         decision, report = tools.classifier.classify(frames, profile.content_filter)
     stages = [report]
@@ -118,7 +118,7 @@ def finish_frames(
     with _stage("visible_watermark"):
         frames, report = apply_visible_watermark(frames, visible)
     stages.append(report)
-    payload = payload_for(spec.clip_id, run_id)
+    payload = payload_for(clip.clip_id, run_id)
     with _stage("invisible_watermark"):
         frames, report = embed_watermark(frames, payload, profile.invisible_watermark)
     stages.append(report)
@@ -134,15 +134,15 @@ def finish_frames(
     stages.append(report)
     if profile.provenance.enabled:
         facts = ProvenanceFacts(
-            clip_id=spec.clip_id,
+            clip_id=clip.clip_id,
             run_id=run_id,
-            model_name=f"Wan2.2-{spec.family}",
-            model_version=spec.variant,
-            extra={"sku": spec.sku, "profile": profile.name, "engine_mode": generated.engine_mode},
+            model_name=f"Wan2.2-{clip.model.family}",
+            model_version=clip.model.variant,
+            extra={"sku": clip.label, "profile": profile.name, "engine_mode": generated.engine_mode},
         )
         with _stage("provenance"):
             stages.append(sign_clip(video, video, facts, tools.provenance))
-    preview = out_dir / f"{spec.clip_id}.webp"
+    preview = out_dir / f"{clip.clip_id}.webp"
     with _stage("preview"):
         stages.append(write_preview(frames, fps, preview, profile.preview))
     return _finished(generated, frames, fps, video, thumbnail, preview, stages, payload_hex, decision)
@@ -161,7 +161,6 @@ def _finished(
 ) -> FinishedClip:
     count, height, width, _ = frames.shape
     return FinishedClip(
-        spec=generated.spec,
         generated=generated,
         video_path=video,
         thumbnail_path=thumbnail,

@@ -28,7 +28,6 @@ import cv2
 import ffmpeg
 import numpy as np
 import pywt
-from imwatermark.dwtDctSvd import EmbedDwtDctSvd
 
 from tasks.postprod.report import StageReport, cpu_timer
 
@@ -236,8 +235,16 @@ def _back_in_range(bgr: np.ndarray) -> None:
     bgr += (np.maximum(-low, 0) - np.maximum(high - 255, 0))[..., None]
 
 
-class _DwtDctSvd(EmbedDwtDctSvd):
-    """invisible-watermark 0.2.0's ``dwtDctSvd`` embedder with its band-order bug fixed, vectorised."""
+class _DwtDctSvd:
+    """invisible-watermark 0.2.0's ``dwtDctSvd`` embedder with its band-order bug fixed, vectorised.
+
+    Its attributes and bit layout are the library's, so the library's own decoder reads our marks
+    (tests/test_invisible_watermark.py checks it). Not a subclass: every method is replaced, and
+    importing the library imports torch (for its rivaGan method), which post-production never needs.
+    """
+
+    def __init__(self, watermarks: list[int], payload_bits: int, scales: list[int], block: int) -> None:
+        self._watermarks, self._wmLen, self._scales, self._block = watermarks, payload_bits, scales, block
 
     def encode(self, bgr: np.ndarray) -> np.ndarray:
         """Mark one BGR uint8 frame (the library's contract), returning a new one."""
@@ -304,7 +311,9 @@ class _DwtDctSvd(EmbedDwtDctSvd):
 
 def _embedder(params: InvisibleWatermarkParams, payload: int = 0) -> _DwtDctSvd:
     bits = [(payload >> (PAYLOAD_BITS - 1 - i)) & 1 for i in range(PAYLOAD_BITS)]  # MSB first, as the library
-    return _DwtDctSvd(watermarks=bits, wmLen=PAYLOAD_BITS, scales=list(params.scales), block=params.block)
+    return _DwtDctSvd(
+        watermarks=bits, payload_bits=PAYLOAD_BITS, scales=list(params.scales), block=params.block
+    )
 
 
 def _psnr(a: np.ndarray, b: np.ndarray) -> float:

@@ -1,0 +1,65 @@
+"""What planning reads from storage, read the same way by a run and by ``wanfactory catalog validate``:
+whether each referenced image is there and decodes, which weights each model loads, and the run's
+planning rules from settings.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+from collections.abc import Iterable
+from concurrent.futures import ThreadPoolExecutor
+
+from PIL import Image
+
+from catalogs.sources import read_bytes
+from infra.objectstore import ObjectStore
+from infra.settings import Settings
+from tasks.planning import ImageCheck, PlanningRules, model_defaults
+from tasks.postproduction import Postproduction
+from wan_engine.specs import MODEL_FAMILIES, get_model_spec
+from wan_engine.weights import model_location, model_version
+
+# Reading images is I/O bound: a few threads hide the object store's latency.
+_IMAGE_THREADS = 8
+
+
+def check_image(uri: str, store: ObjectStore) -> ImageCheck:
+    """The image's digest if it can be read and decoded, else why not (as the generator would fail)."""
+    try:
+        data = read_bytes(uri, store.client)
+    except FileNotFoundError:
+        return ImageCheck(problem=f"no image found at {uri}")
+    except Exception as err:
+        return ImageCheck(problem=f"cannot read {uri}: {type(err).__name__}: {err}")
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            image.load()
+    except Exception as err:
+        return ImageCheck(problem=f"{uri} cannot be decoded as an image: {type(err).__name__}: {err}")
+    return ImageCheck(sha256=hashlib.sha256(data).hexdigest())
+
+
+def check_images(uris: Iterable[str | None], store: ObjectStore) -> dict[str, ImageCheck]:
+    """:func:`check_image` for every distinct URI, a few at a time."""
+    unique = sorted({uri for uri in uris if uri})
+    with ThreadPoolExecutor(_IMAGE_THREADS) as pool:
+        return dict(zip(unique, pool.map(lambda uri: check_image(uri, store), unique), strict=True))
+
+
+def planning_rules(settings: Settings, postproduction: Postproduction, store: ObjectStore) -> PlanningRules:
+    """The rules a run plans with: settings, the post-production setup, and the weights' versions."""
+    versions = {
+        family: model_version(
+            model_location(settings.model_root, get_model_spec(family, settings.model_variant)), store.client
+        )
+        for family in MODEL_FAMILIES
+    }
+    return PlanningRules(
+        models=model_defaults(settings),
+        profiles=postproduction.profiles,
+        default_profile=postproduction.default_profile,
+        prompt_policy=postproduction.prompt_policy,
+        default_locale=settings.content_locale,
+        model_versions=versions,
+    )
