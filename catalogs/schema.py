@@ -8,6 +8,7 @@ refused whole; a cell that cannot be read as its column's type fails its own row
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -69,7 +70,7 @@ class CatalogRow(BaseModel):
     prompt: str | None = None
     negative_prompt: str | None = None
     model: str | None = None
-    seed: int | None = Field(default=None, ge=0, le=MAX_SEED)
+    seed: int | None = None
     size: tuple[int, int] | None = None
     num_frames: int | None = Field(default=None, ge=1)  # the model's rules (4k+1, its maximum) at planning
     steps: int | None = Field(default=None, ge=1, le=1000)
@@ -98,6 +99,25 @@ class CatalogRow(BaseModel):
     @classmethod
     def _blank_is_none(cls, value: Any) -> Any:
         return None if isinstance(value, str) and not value.strip() else value
+
+    @field_validator("seed", "num_frames", "steps", mode="before")
+    @classmethod
+    def _whole_number(cls, value: Any) -> Any:
+        # Spreadsheet exports write integer columns with gaps as floats: 7.0 is 7, NaN is no number.
+        if isinstance(value, float):
+            if not math.isfinite(value):
+                raise ValueError(f"{value} is not a number")
+            if not value.is_integer():
+                raise ValueError(f"{value} is not a whole number")
+            return int(value)
+        return value
+
+    @field_validator("seed")
+    @classmethod
+    def _seed_in_range(cls, seed: int | None) -> int | None:
+        if seed is not None and not 0 <= seed <= MAX_SEED:
+            raise ValueError(f"{seed} is outside 0 to {MAX_SEED}")
+        return seed
 
     @field_validator("size", mode="before")
     @classmethod

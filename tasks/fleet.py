@@ -33,7 +33,7 @@ from transformers.utils import logging as transformers_logging
 from catalogs.sources import read_bytes
 from infra.objectstore import ObjectStore
 from infra.settings import ObjectStoreConfig, Settings
-from tasks.publish import FinishingContext, finish_clip
+from tasks.publish import Finisher, FinishingContext
 from tasks.records import ClipSpec, GeneratedClip, ManifestEntry, failed_entry
 from wan_engine import EngineOptions, WanGenerator, get_model_spec, model_location
 
@@ -51,6 +51,12 @@ ACTOR_CONCURRENCY = 2
 # makes progress.
 FINISHING_MEMORY_SHARE = 0.5
 FINISHING_PER_ACTOR = 2
+# Finisher actors per generator actor, at most: post-production of a clip takes up to a few times its
+# generation on the CPU (bench/README.md), and each finisher is a process with its own classifier.
+FINISHERS_PER_GENERATOR = 8
+# Times a finisher's call is retried on a restarted finisher after its process died, as Ray retried the
+# task it replaces. A finisher holds nothing but its loaded tools, so Ray may restart it without limit.
+FINISHER_RETRIES = 2
 # Times a clip is generated again after its attempt was lost with its actor: enough for a one-off
 # crash, few enough that a clip that kills every actor it meets ends as failed instead of looping.
 CLIP_RETRIES = 2
@@ -267,8 +273,17 @@ class GenerationFleet:
         self.finishing_budget_bytes = int(
             FINISHING_MEMORY_SHARE * ray.cluster_resources().get("object_store_memory", 0)
         )
-        self.finishing = finishing
-        self.finisher = ray.remote(finish_clip).options(num_cpus=settings.finisher_num_cpus, max_retries=2)
+        generators = sum(shape.actors.values())
+        free_cpus = ray.cluster_resources().get("CPU", 0) - shape.num_cpus * generators
+        finisher_count = max(
+            1, min(int(free_cpus // settings.finisher_num_cpus), FINISHERS_PER_GENERATOR * generators)
+        )
+        finisher_class = ray.remote(Finisher).options(
+            num_cpus=settings.finisher_num_cpus,
+            max_restarts=-1,
+            max_task_retries=FINISHER_RETRIES,
+        )
+        self.finishers = [finisher_class.remote(finishing, run_id) for _ in range(finisher_count)]
         actor_class = ray.remote(GeneratorActor).options(
             num_gpus=shape.num_gpus,
             num_cpus=shape.num_cpus,
@@ -326,7 +341,8 @@ class GenerationFleet:
         lost: dict[str, list[str]] = {}  # clip id -> why each of its lost attempts was lost
         in_flight = {id(member): 0 for member in self._members}  # clips sent and not answered yet
         generating: dict[ray.ObjectRef, tuple[ClipSpec, _Member, ray.ObjectRef]] = {}
-        finishing: dict[ray.ObjectRef, ClipSpec] = {}
+        finishing: dict[ray.ObjectRef, tuple[ClipSpec, int]] = {}  # -> the clip and its finisher's index
+        finisher_load = [0] * len(self.finishers)
         while generating or finishing or any(queues.values()):
             self._give_up_slow_restarts()
             yield from self._fail_orphans(queues, lost)
@@ -341,7 +357,7 @@ class GenerationFleet:
                     # While finishers lag, let the actors drain instead of piling up frames.
                     and admits_generation(
                         [s for s, _, _ in generating.values()],
-                        list(finishing.values()),
+                        [c for c, _ in finishing.values()],
                         queue[0],
                         self.finishing_budget_bytes,
                         floor,
@@ -377,10 +393,16 @@ class GenerationFleet:
                     except ray.exceptions.RayError as err:
                         yield failed_entry(clip, self.run_id, "generate", f"{type(err).__name__}: {err}")
                         continue
-                    # The frames go from the actor's node to the finisher without passing through here.
-                    finishing[self.finisher.remote(frames, self.finishing, self.run_id)] = clip
-                elif entry := self._entry(ref, finishing.pop(ref), queues, lost):
-                    yield entry
+                    # The frames go from the actor's node to the finisher without passing through here;
+                    # the least busy finisher takes them (Ray queues the call while it finishes others).
+                    index = min(range(len(self.finishers)), key=finisher_load.__getitem__)
+                    finisher_load[index] += 1
+                    finishing[self.finishers[index].finish.remote(frames)] = (clip, index)
+                else:
+                    clip, index = finishing.pop(ref)
+                    finisher_load[index] -= 1
+                    if entry := self._entry(ref, clip, queues, lost):
+                        yield entry
 
     def _entry(
         self,
@@ -479,6 +501,5 @@ class GenerationFleet:
                     yield failed_entry(clip, self.run_id, "generate", reason, **details)
 
     def shutdown(self) -> None:
-        for handles in self.actors.values():
-            for actor in handles:
-                ray.kill(actor)
+        for actor in [*(a for handles in self.actors.values() for a in handles), *self.finishers]:
+            ray.kill(actor)

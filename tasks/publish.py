@@ -1,14 +1,14 @@
 """Finishing a generated clip: post-production, then publish (or quarantine) it in the object store.
 
-:func:`finish_clip` runs in a CPU Ray task, never on a GPU actor, so a GPU moves on to its
-next clip while this one is post-processed. It never raises for a clip's own failure: it
-returns the manifest entry that says where and why the clip stopped, so one bad clip never
-sinks a batch.
+:class:`Finisher` runs as a CPU Ray actor, never on a GPU actor, so a GPU moves on to its
+next clip while this one is post-processed. Ray's batch-inference pattern: what is costly to load
+(the frame classifier's model, the profiles' logos) is loaded once in ``__init__`` and serves every
+clip. It never raises for a clip's own failure: it returns the manifest entry that says where and
+why the clip stopped, so one bad clip never sinks a batch.
 """
 
 from __future__ import annotations
 
-import functools
 import io
 import logging
 import tempfile
@@ -41,10 +41,8 @@ class FinishingContext:
     threads: int = 1  # ffmpeg and classifier threads per clip: clips in parallel use the other cores
 
 
-@functools.cache
-def _logo(location: str, store: ObjectStoreConfig) -> Image.Image:
-    # Read once per worker process: every clip of a profile carries the same logo.
-    with Image.open(io.BytesIO(read_bytes(location, ObjectStore(store).client))) as image:
+def _read_logo(location: str, store: ObjectStore) -> Image.Image:
+    with Image.open(io.BytesIO(read_bytes(location, store.client))) as image:
         image.load()
         return image.copy()
 
@@ -127,32 +125,50 @@ def quarantine_clip(store: ObjectStore, finished: FinishedClip, run_id: str) -> 
     )
 
 
-def finish_clip(generated: GeneratedClip, context: FinishingContext, run_id: str) -> ManifestEntry:
-    """Post-process and publish one generated clip; any failure becomes a failed entry naming its stage."""
-    clip = generated.clip
+class Finisher:
+    """Post-produces and publishes a run's clips, one at a time; its tools are loaded once."""
 
-    def failed(stage: str, reason: str) -> ManifestEntry:
-        log.warning(
-            "clip failed clip_id=%s of=%s stage=%s reason=%s", clip.clip_id, clip.label, stage, reason
-        )
-        return ManifestEntry.of_generated(generated, run_id, ClipStatus.FAILED, stage=stage, reason=reason)
+    def __init__(self, context: FinishingContext, run_id: str) -> None:
+        self.run_id = run_id
+        self.profiles = context.profiles
+        self.store = ObjectStore(context.store)
+        classifier = FrameClassifier(context.threads)
+        self.tools: dict[str, ChainTools] = {}
+        # A profile whose logo cannot be read fails its clips at "postprocess", not the finisher.
+        self.broken: dict[str, str] = {}
+        for name, profile in context.profiles.items():
+            try:
+                logo = _read_logo(profile.logo_location, self.store) if profile.logo_location else None
+            except Exception as err:
+                self.broken[name] = f"cannot read the logo {profile.logo_uri!r}: {type(err).__name__}: {err}"
+                continue
+            self.tools[name] = ChainTools(classifier, context.provenance, logo, context.threads)
 
-    if generated.error is not None:
-        return failed("generate", generated.error)
-    profile = context.profiles[clip.profile]
-    with tempfile.TemporaryDirectory(prefix="wanfactory-") as tmp:
-        try:
-            logo = _logo(profile.logo_location, context.store) if profile.logo_location else None
-            tools = ChainTools(FrameClassifier(context.threads), context.provenance, logo, context.threads)
-            finished = finish_frames(generated, profile, tools, run_id, Path(tmp))
-        except StageError as err:
-            return failed(err.stage, str(err))
-        except Exception as err:  # loading the logo or the classifier
-            return failed("postprocess", f"{type(err).__name__}: {err}")
-        store = ObjectStore(context.store)
-        try:
-            if finished.blocked:
-                return quarantine_clip(store, finished, run_id)
-            return publish_clip(store, finished, run_id)
-        except Exception as err:
-            return failed("upload", f"{type(err).__name__}: {err}")
+    def finish(self, generated: GeneratedClip) -> ManifestEntry:
+        """Post-process and publish one generated clip; any failure is a failed entry naming its stage."""
+        clip = generated.clip
+
+        def failed(stage: str, reason: str) -> ManifestEntry:
+            log.warning(
+                "clip failed clip_id=%s of=%s stage=%s reason=%s", clip.clip_id, clip.label, stage, reason
+            )
+            return ManifestEntry.of_generated(
+                generated, self.run_id, ClipStatus.FAILED, stage=stage, reason=reason
+            )
+
+        if generated.error is not None:
+            return failed("generate", generated.error)
+        if clip.profile in self.broken:
+            return failed("postprocess", self.broken[clip.profile])
+        profile, tools = self.profiles[clip.profile], self.tools[clip.profile]
+        with tempfile.TemporaryDirectory(prefix="wanfactory-") as tmp:
+            try:
+                finished = finish_frames(generated, profile, tools, self.run_id, Path(tmp))
+            except StageError as err:
+                return failed(err.stage, str(err))
+            try:
+                if finished.blocked:
+                    return quarantine_clip(self.store, finished, self.run_id)
+                return publish_clip(self.store, finished, self.run_id)
+            except Exception as err:
+                return failed("upload", f"{type(err).__name__}: {err}")

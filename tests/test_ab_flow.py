@@ -73,7 +73,8 @@ def test_good_rows_publish_grouped_by_experiment_and_variant(ab_run, store):
     for entry in published:
         assert entry.clip_key.startswith(f"experiments/mug-launch/{entry.variant_id}/"), entry.clip_key
         assert store.exists(entry.clip_key) and store.exists(entry.preview_key)
-        assert entry.sku == f"mug-launch/{entry.variant_id}" and entry.profile == "standard"
+        # A/B samples have their own label fields, no made-up SKU.
+        assert entry.sku is None and entry.experiment_id == "mug-launch" and entry.profile == "standard"
     sizes = {e.variant_id: (e.width, e.height) for e in published}
     assert sizes == {"A-studio": (96, 64), "B-morning": (64, 96)}  # 16:9 and 9:16 on the tiny models
 

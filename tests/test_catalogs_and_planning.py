@@ -299,3 +299,27 @@ def test_fleet_shapes():
     )
     assert [shape.actors for shape in turns] == [{"i2v-a14b": 1}, {"t2v-a14b": 1}]
     assert plan_fleets({}, gpus=8, cpu_actors_per_model=1, actor_cpus=1) == []
+
+
+def test_a_bad_cell_fails_its_row_not_the_catalog():
+    base = {"title": "Mug", "description": "A mug.", "style": "studio", "updated_at": NOW}
+    table = pa.table(
+        {
+            "sku": ["GOOD", "NAN-SEED", "HUGE-SEED", "WORDS", "GOOD-2"],
+            "title": ["Mug"] * 5,
+            "description": ["A mug."] * 5,
+            "style": ["studio"] * 5,
+            "updated_at": pa.array([base["updated_at"]] * 5, pa.timestamp("us", tz="UTC")),
+            # Floats (as pandas writes a seed column with a gap), one NaN, one past int64.
+            "seed": pa.array([1.0, float("nan"), 2.0**70, 3.0, None], pa.float64()),
+            # Text where a number belongs: pyarrow cannot cast the column.
+            "num_frames": pa.array(["17", "17", "17", "seventeen", None], pa.string()),
+        }
+    )
+    catalog = validate_catalog(table)
+    assert [row.sku for row in catalog.rows] == ["GOOD", "GOOD-2"]
+    assert catalog.rows[0].seed == 1 and catalog.rows[0].num_frames == 17
+    problems = {(p.row, p.sku, p.field) for p in catalog.problems}
+    assert problems == {(1, "NAN-SEED", "seed"), (2, "HUGE-SEED", "seed"), (3, "WORDS", "num_frames")}
+    messages = [str(p) for p in catalog.problems]
+    assert any(m.startswith("row 2 (sku 'HUGE-SEED'), field 'seed': ") for m in messages), messages

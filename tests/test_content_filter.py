@@ -266,7 +266,3 @@ def test_bad_inputs_are_rejected(classifier: FrameClassifier) -> None:
     with pytest.raises(ValueError, match="threshold"):
         FrameFilterParams(blocked_labels={"ANUS_EXPOSED": 1.5})
 
-
-def test_the_model_session_is_loaded_once_per_process_and_thread_count() -> None:
-    assert FrameClassifier().session is FrameClassifier().session
-    assert FrameClassifier(intra_op_threads=2).session is not FrameClassifier().session

@@ -15,8 +15,9 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
+from catalogs.rules import ModelDefaults
 from catalogs.schema import CATALOG_SCHEMA, validate_catalog
-from tasks.fleet import GeneratorActor, admits_generation, engine_options, frames_bytes
+from tasks.fleet import GeneratorActor, admits_generation, engine_options
 from tasks.planning import PlanningRules, plan_clips
 from tasks.postprod.content_filter import PromptPolicy
 from tasks.postprod.profile import load_profiles
@@ -34,9 +35,7 @@ def clip_spec(settings):
         "model": "ti2v-5b",
     }
     rules = PlanningRules(
-        variant="tiny",
-        default_text_model="ti2v-5b",
-        default_image_model="ti2v-5b",
+        models=ModelDefaults(variant="tiny", text_model="ti2v-5b", image_model="ti2v-5b"),
         profiles=load_profiles(),
         default_profile="standard",
         prompt_policy=PromptPolicy.load(),
@@ -61,7 +60,7 @@ def actor(settings) -> GeneratorActor:
 def test_the_next_clip_is_prepared_while_the_current_one_renders(actor, settings, monkeypatch):
     assert actor.generator.prepares_concurrently  # the text encoder stays resident on this model
     spec = clip_spec(settings)
-    expected = actor.generator.generate(spec.request(None)).frames
+    expected = actor.generator.generate(spec.request).frames
 
     prepared = threading.Event()
     prepare = actor.generator.prepare
@@ -94,8 +93,8 @@ def test_the_actor_reports_its_load_time_and_attention_kernel(actor):
 
 def test_back_pressure_bounds_waiting_frames_by_memory_not_by_a_fixed_window(settings):
     clip = clip_spec(settings)
-    size = frames_bytes(clip)
-    assert size == clip.num_frames * clip.height * clip.width * 3
+    size = clip.frames_bytes
+    assert size == clip.request.num_frames * clip.request.height * clip.request.width * 3
     budget = 10 * size
     # Under the floor, a clip may always start, whatever the budget.
     assert admits_generation([], [clip], clip, budget_bytes=0, floor_clips=2)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import re
 from datetime import UTC, datetime
 
 import numpy as np
@@ -264,3 +265,68 @@ def test_wanfactory_verify_reads_a_published_clip_and_refuses_a_modified_one(sam
     tampered.write_bytes(bytes(data))
     modified = runner.invoke(app, ["verify", str(tampered)])
     assert modified.exit_code == 1 and "NOT VERIFIED" in modified.output, modified.output
+
+
+# "row N (sku 'X'), field 'F'": how both `catalog validate` and the manifest's reasons name a problem.
+_PROBLEM = re.compile(r"row (\d+)(?: \(sku '[^']*'\))?, field '([^']+)'")
+
+
+def test_catalog_validate_and_the_run_agree_row_for_row(store):
+    """Every problem a run finds before the GPU, `wanfactory catalog validate` finds first."""
+    from typer.testing import CliRunner
+
+    from flows.cli import app
+
+    store.put_bytes("catalogs/every-problem/images/ok.png", (SAMPLE_DIR / "images" / "mug.png").read_bytes())
+    store.put_bytes("catalogs/every-problem/images/broken.png", b"these bytes are no PNG", "image/png")
+    good = {"title": "Tote", "description": "An olive tote.", "style": "outdoor"}
+    rows = [
+        {**good, "sku": "GOOD"},
+        {**good, "sku": "GOOD-IMAGE", "image_uri": "images/ok.png"},
+        {**good, "sku": None},  # a cell's rule: required
+        {**good, "sku": "BAD-STYLE", "style": "vaporwave"},
+        {**good, "sku": "GOOD"},  # a duplicate
+        {**good, "sku": "NAN-SEED", "seed": float("nan")},  # a cell pyarrow cannot cast to int64
+        {**good, "sku": "BAD-MODEL", "model": "wan9-xl"},
+        {**good, "sku": "BAD-SIZE", "size": "1920x1080"},
+        {**good, "sku": "BAD-FRAMES", "num_frames": 10},
+        {**good, "sku": "NO-STEPS", "steps": 0},
+        {**good, "sku": "BAD-PROFILE", "postprocess_profile": "cinema"},
+        {**good, "sku": "NO-IMAGE", "image_uri": "images/gone.png"},
+        {**good, "sku": "BROKEN-IMAGE", "image_uri": "images/broken.png"},
+        {**good, "sku": "IMAGE-ON-T2V", "model": "t2v-a14b", "image_uri": "images/ok.png"},
+        {**good, "sku": "BLOCKED", "prompt": "A tote bag on a table, a beheading in the background"},
+    ]
+    schema = pa.schema(
+        [
+            field.with_type(pa.float64()) if field.name == "seed" else field.with_nullable(True)
+            for field in CATALOG_SCHEMA
+        ]
+    )
+    now = datetime(2026, 11, 21, tzinfo=UTC)
+    buffer = io.BytesIO()
+    pq.write_table(pa.Table.from_pylist([{**r, "updated_at": now} for r in rows], schema=schema), buffer)
+    uri = store.uri("catalogs/every-problem/catalog.parquet")
+    store.put_bytes("catalogs/every-problem/catalog.parquet", buffer.getvalue())
+
+    checked = CliRunner().invoke(app, ["catalog", "validate", uri])
+    assert checked.exit_code == 1, checked.output
+    found_by_validate = {(int(row), field) for row, field in _PROBLEM.findall(checked.output)}
+
+    result = nightly_catalog(catalog_uri=uri)
+    by_row = {e.row: e for e in result.entries}
+    assert sorted(by_row) == list(range(len(rows)))
+    assert {row for row, e in by_row.items() if e.status == ClipStatus.PUBLISHED} == {0, 1}
+    found_by_run = {
+        (int(row), field)
+        for e in result.entries
+        if e.status in (ClipStatus.FAILED, ClipStatus.QUARANTINED)
+        for row, field in _PROBLEM.findall(e.reason)
+    }
+    assert found_by_validate == found_by_run
+    # Every bad row is there, each with the field at fault.
+    assert {row for row, _ in found_by_run} == set(range(2, len(rows)))
+    assert {(5, "seed"), (9, "steps"), (10, "postprocess_profile"), (12, "image_uri"), (14, "prompt")} <= (
+        found_by_run
+    )
+    assert "2 rows make clips, 13 rows do not" in checked.output

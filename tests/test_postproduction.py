@@ -14,8 +14,9 @@ from infra.settings import Settings
 from tasks.postprod.profile import ProfileError
 from tasks.postprod.verify import verify_clip
 from tasks.postproduction import prepare_postproduction, trust_anchor
-from tasks.publish import finish_clip
+from tasks.publish import Finisher
 from tasks.records import ClipSpec, ClipStatus, GeneratedClip
+from wan_engine import GenerationRequest, get_model_spec, resolve_request
 
 PROFILES = """
 [strict]
@@ -35,29 +36,27 @@ def astronaut_clip(profile: str, frames: int = 9) -> GeneratedClip:
     """An innocuous real photo of a person (scikit-image's), slowly panned: what a model might return."""
     photo = np.asarray(Image.fromarray(data.astronaut()).resize((420, 420)))
     video = np.stack([photo[20 : 20 + 256, 2 * t : 2 * t + 384] for t in range(frames)])
-    spec = ClipSpec(
+    model = get_model_spec("t2v-a14b", "tiny")
+    # 384x256: the frames a delivery-sized clip would have; planning would refuse it for the tiny model.
+    request = GenerationRequest(
+        prompt="an astronaut portrait", seed=1, width=384, height=256, num_frames=frames
+    )
+    clip = ClipSpec(
         clip_id=f"astronaut-{profile}",
         row=0,
         sku="ASTRO-1",
-        model="t2v-a14b-tiny",
-        family="t2v-a14b",
-        variant="tiny",
-        prompt="an astronaut portrait",
-        negative_prompt="",
-        width=384,
-        height=256,
-        num_frames=frames,
-        fps=16,
-        steps=40,
-        guidance_scale=4.0,
-        guidance_scale_2=3.0,
-        seed=1,
-        image_uri=None,
-        image_sha256=None,
-        prompt_sha256="0" * 64,
+        model=model,
+        request=resolve_request(model, request),
         profile=profile,
     )
-    return GeneratedClip(spec, video, 16, 1.5, {"high_noise": 2, "low_noise": 2}, "test-worker")
+    return GeneratedClip(
+        clip=clip,
+        frames=video,
+        worker="test-worker",
+        engine_mode="exact",
+        seconds=1.5,
+        expert_calls={"high_noise": 2, "low_noise": 2},
+    )
 
 
 @pytest.fixture(scope="module")
@@ -76,7 +75,7 @@ def reader(s3_server, settings, store) -> ObjectStore:
 
 
 def test_the_frame_gate_quarantines_where_readers_cannot_look(postproduction, store, reader):
-    entry = finish_clip(astronaut_clip("strict"), postproduction.finishing, "run-q")
+    entry = Finisher(postproduction.finishing, "run-q").finish(astronaut_clip("strict"))
     assert entry.status == ClipStatus.QUARANTINED and entry.stage == "content_filter", entry
     assert "FACE_FEMALE scored" in entry.reason and entry.filter_scores["FACE_FEMALE"] >= 0.5
     assert (
@@ -98,7 +97,7 @@ def test_the_frame_gate_quarantines_where_readers_cannot_look(postproduction, st
 def test_the_same_frames_pass_the_standard_profile_and_verify(
     postproduction, store, reader, settings, tmp_path
 ):
-    entry = finish_clip(astronaut_clip("standard"), postproduction.finishing, "run-p")
+    entry = Finisher(postproduction.finishing, "run-p").finish(astronaut_clip("standard"))
     assert entry.status == ClipStatus.PUBLISHED, entry
     assert entry.filter_scores["FACE_FEMALE"] >= 0.5  # seen and scored, but not blocked by default
     assert (entry.delivered_width, entry.delivered_height, entry.delivered_fps, entry.delivered_frames) == (
@@ -117,6 +116,16 @@ def test_the_same_frames_pass_the_standard_profile_and_verify(
     data_bytes[len(data_bytes) // 2] ^= 0xFF
     tampered.write_bytes(bytes(data_bytes))
     assert not verify_clip(tampered, trust_anchor(settings)).ok
+
+
+def test_a_finisher_loads_its_tools_once_and_serves_every_clip_with_them(postproduction):
+    finisher = Finisher(postproduction.finishing, "run-t")
+    tools = dict(finisher.tools)
+    assert set(tools) == set(postproduction.profiles)
+    assert len({id(t.classifier) for t in tools.values()}) == 1  # one classifier model for every profile
+    for profile in ("strict", "strict"):
+        assert finisher.finish(astronaut_clip(profile)).status == ClipStatus.QUARANTINED
+    assert all(finisher.tools[name] is tools[name] for name in tools)
 
 
 def test_a_profile_whose_logo_is_missing_stops_the_run_at_its_start(settings, tmp_path):

@@ -23,7 +23,6 @@ and refuses the clip when a blocked label scores at or above its threshold in an
 
 from __future__ import annotations
 
-import functools
 import importlib.metadata
 import os
 import re
@@ -265,9 +264,7 @@ def sample_indices(n_frames: int, count: int) -> list[int]:
     return np.linspace(0, n_frames - 1, count).round().astype(int).tolist()
 
 
-@functools.cache
 def _session(intra_op_threads: int) -> ort.InferenceSession:
-    # Cached per process (and thread count): a long-lived worker loads the model once.
     options = ort.SessionOptions()
     options.intra_op_num_threads = intra_op_threads
     options.inter_op_num_threads = 1
@@ -278,7 +275,8 @@ def _session(intra_op_threads: int) -> ort.InferenceSession:
 
 
 class FrameClassifier:
-    """NudeNet's detector over sampled frames; cheap to construct, the model loads once per process.
+    """NudeNet's detector over sampled frames; the model loads when it is made, so a worker makes one
+    (:class:`tasks.publish.Finisher`) and classifies every clip with it.
 
     ``intra_op_threads`` is onnxruntime's thread count for one inference: 1 keeps a filter on one
     core so a host can filter as many clips in parallel as it has cores.
