@@ -1,6 +1,6 @@
 """Attention kernels at Wan2.2's production shapes, side by side, through diffusers' own dispatcher.
 
-    python bench/attention.py --out DIR
+    python -m bench.attention --out DIR
 
 Each diffusers backend that runs here (PyTorch SDPA as diffusers calls it, SDPA's cuDNN, flash and
 memory-efficient kernels, and FlashAttention's CuTe-DSL kernel as ``flash_4_hub`` when
@@ -16,16 +16,12 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import sys
 from pathlib import Path
 
 import torch
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
 from diffusers.models.attention_dispatch import AttentionBackendName, dispatch_attention_fn
 
-from bench.engine import DEVICE, device_name, matmul_tflops
+from bench.common import DEVICE, device_name, matmul_tflops
 from wan_engine.attention import FLASH_ATTENTION_BACKEND, resolve_attention_backend
 
 # name: (query tokens, key tokens, heads); batch 2 (conditional + unconditional), head dim 128.
@@ -114,7 +110,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
     if DEVICE.type != "cuda":
-        raise SystemExit("bench/attention.py times GPU kernels: run it on the GPU machine")
+        raise SystemExit("bench.attention times GPU kernels: run it on the GPU machine")
     matmul = matmul_tflops()
     print(f"{device_name()}: bf16 matmul {matmul:.1f} TFLOP/s", flush=True)
     results = {

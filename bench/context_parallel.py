@@ -1,10 +1,10 @@
 """Context-parallel benchmark: one A14B clip on 1, 2 and 4 GPUs (diffusers' context parallelism).
 
-    python3 bench/context_parallel.py --config a14b_t2v_720p --gpus 1 2 4 --steps 4 --out DIR [--latest]
-    python3 bench/context_parallel.py --dry-run-cpu --out DIR      # the tiny model, 2 processes, gloo
+    python3 -m bench.context_parallel --config a14b_t2v_720p --gpus 1 2 4 --steps 4 --out DIR [--latest]
+    python3 -m bench.context_parallel --dry-run-cpu --out DIR      # the tiny model, 2 processes, gloo
 
 For each GPU count (1 first) it spawns one process per GPU (NCCL; gloo on the CPU). Every process
-builds the same real-size components with random weights (``bench/engine.py``'s ``build_components``,
+builds the same real-size components with random weights (``bench.real_size.build_components``,
 seeded, so every rank holds the same weights; checked by checksums) and wraps them in a
 ``WanGenerator`` with ``EngineOptions(context_parallel=gpus > 1)``: the same denoising loop on every
 rank, the token sequence split inside each transformer (``wan_engine/parallel.py``). Then one clip
@@ -31,9 +31,7 @@ import json
 import os
 import platform
 import shutil
-import socket
 import statistics
-import sys
 import tempfile
 import time
 import traceback
@@ -45,22 +43,16 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from bench import common
+from bench.common import device_name, peak_memory_gib, relative_error, reset_peak_memory, sync_time
+from bench.real_size import Config, build_components, clip_request, config_and_spec, latent_grid, pipeline_for
+from infra.processes import free_ports
+from wan_engine import EngineOptions, WanGenerator, get_model_spec
 
-from bench import engine  # noqa: E402 - after the path
-from wan_engine import EngineOptions, WanGenerator, get_model_spec  # noqa: E402
-
-CONFIGS = ("a14b_t2v_720p", "a14b_t2v_480p")
+CONTEXT_PARALLEL_CONFIGS = ("a14b_t2v_720p", "a14b_t2v_480p")
 # Set on the GPU machine (NVLink multicast off); children inherit them, the defaults keep them on.
 GPU_ENVIRONMENT = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1"}
 FULL_STEPS = 40
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def rank_main(rank: int, gpus: int, port: int, settings: dict, work: str) -> None:
@@ -72,7 +64,7 @@ def rank_main(rank: int, gpus: int, port: int, settings: dict, work: str) -> Non
     else:
         torch.cuda.set_device(rank)
         device = torch.device("cuda", rank)
-    engine.DEVICE = device  # build_components makes the weights on it; sync_time syncs it
+    common.DEVICE = device  # sync_time, the peak memory and device_name follow this rank's device
     if gpus > 1:
         dist.init_process_group(
             "gloo" if cpu else "nccl",
@@ -97,11 +89,11 @@ def say(rank: int, message: str) -> None:
 
 def measure(rank: int, gpus: int, device: torch.device, settings: dict, work: Path) -> dict:
     spec = get_model_spec(settings["family"], settings["variant"])
-    config = engine.Config(settings["family"], settings["width"], settings["height"], settings["frames"])
+    config = Config(settings["family"], settings["width"], settings["height"], settings["frames"])
     started = time.perf_counter()
-    components = engine.build_components(spec)
+    components = build_components(spec, device)
     generator = WanGenerator(
-        engine.pipeline_for(spec, components),
+        pipeline_for(spec, components),
         spec,
         device,
         EngineOptions(
@@ -115,7 +107,7 @@ def measure(rank: int, gpus: int, device: torch.device, settings: dict, work: Pa
     if settings["steps"] < generator.warmup_steps():
         raise ValueError(f"--steps {settings['steps']} does not cross the expert boundary")
     checksums = weight_checksums(generator)
-    request = engine.clip_request(config, settings["steps"])
+    request = clip_request(config, settings["steps"])
     if settings["warmup"]:
         warm_started = time.perf_counter()
         generator.generate(replace(request, steps=generator.warmup_steps(), seed=0))
@@ -128,24 +120,24 @@ def measure(rank: int, gpus: int, device: torch.device, settings: dict, work: Pa
     for name, module in generator.experts.items():
 
         def before_step(*_: object, name: str = name) -> None:
-            calls.append((name, engine.sync_time()))
+            calls.append((name, sync_time()))
             if len(calls) > 1:
                 say(rank, f"step {len(calls) - 1} ({calls[-2][0]}): {calls[-1][1] - calls[-2][1]:.2f} s")
 
         module.register_forward_pre_hook(before_step)
 
-    engine.reset_peak_memory()
+    reset_peak_memory()
     with torch.inference_mode():
         resolved = generator.validate(request)
         latents = generator.denoise(resolved)  # encodes the prompt first: steps are timed from the hooks
-        denoise_end = engine.sync_time()
-        denoise_peak = engine.peak_memory_gib()
+        denoise_end = sync_time()
+        denoise_peak = peak_memory_gib()
         say(rank, f"step {len(calls)} ({calls[-1][0]}): {denoise_end - calls[-1][1]:.2f} s")
         decode_s = []
         for _ in range(2):
-            start = engine.sync_time()
+            start = sync_time()
             video = generator.decode_video(latents)
-            decode_s.append(engine.sync_time() - start)
+            decode_s.append(sync_time() - start)
             del video
         say(rank, f"decode {decode_s[0]:.2f} s, again {decode_s[1]:.2f} s")
     if rank == 0:
@@ -153,18 +145,18 @@ def measure(rank: int, gpus: int, device: torch.device, settings: dict, work: Pa
     starts = [t for _, t in calls] + [denoise_end]
     return {
         "rank": rank,
-        "device": engine.device_name(),
+        "device": device_name(),
         "built_s": built_s,
         "steps": [
             {"expert": name, "s": round(b - a, 4)} for (name, a), b in zip(calls, starts[1:], strict=True)
         ],
         "decode_s": decode_s,
         "peak_gib_denoise": denoise_peak,
-        "peak_gib": engine.peak_memory_gib(),
+        "peak_gib": peak_memory_gib(),
         "weight_checksums": checksums,
         "latents_norm": float(latents.double().norm()),
         "tokens_per_rank": token_count(spec, config) // gpus,
-        "text_encoder_offloaded": generator._text_encoder_host is not None,
+        "text_encoder_offloaded": generator.memory_plan.offload_text_encoder,
     }
 
 
@@ -178,14 +170,9 @@ def weight_checksums(generator: WanGenerator) -> list[float]:
 
 
 def token_count(spec, config) -> int:
-    arch = spec.architecture.transformer
-    _, patch_h, patch_w = arch["patch_size"]
-    spatial = 16 if spec.expand_timesteps else 8
-    return (
-        ((config.frames - 1) // 4 + 1)
-        * (config.height // spatial // patch_h)
-        * (config.width // spatial // patch_w)
-    )
+    _, patch_h, patch_w = spec.architecture.transformer["patch_size"]
+    frames, height, width = latent_grid(spec, config)
+    return frames * (height // patch_h) * (width // patch_w)
 
 
 def summarize_count(gpus: int, ranks: list[dict], settings: dict, high_steps_full: int) -> dict:
@@ -234,7 +221,7 @@ def run_count(gpus: int, settings: dict, deadline: float) -> tuple[dict, torch.T
     try:
         context = mp.start_processes(
             rank_main,
-            args=(gpus, free_port(), settings, str(work)),
+            args=(gpus, free_ports(1)[0], settings, str(work)),
             nprocs=gpus,
             join=False,
             start_method="spawn",
@@ -250,11 +237,6 @@ def run_count(gpus: int, settings: dict, deadline: float) -> tuple[dict, torch.T
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return ranks, latents
-
-
-def relative_l2(ours: torch.Tensor, reference: torch.Tensor) -> float:
-    ours, reference = ours.double(), reference.double()
-    return float(torch.linalg.vector_norm(ours - reference) / torch.linalg.vector_norm(reference))
 
 
 def markdown(result: dict) -> str:
@@ -283,7 +265,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--config", choices=CONFIGS, default="a14b_t2v_720p")
+    parser.add_argument("--config", choices=CONTEXT_PARALLEL_CONFIGS, default="a14b_t2v_720p")
     parser.add_argument(
         "--gpus", type=int, nargs="+", default=None, help="GPU counts (default 1 2 4; CPU 1 2)"
     )
@@ -319,10 +301,8 @@ def main() -> None:
     if not cpu and torch.cuda.device_count() < max(counts):
         parser.error(f"{max(counts)} GPUs asked for, {torch.cuda.device_count()} visible")
 
-    base = engine.CONFIGS[args.config]
     variant = "tiny" if cpu else "full"
-    spec = get_model_spec(base.family, variant)
-    config = engine.Config(base.family, *spec.default_size, spec.num_frames) if cpu else base
+    config, spec = config_and_spec(args.config, variant)
     heads = spec.architecture.transformer["num_attention_heads"]
     from wan_engine.parallel import context_parallel_degrees
 
@@ -408,7 +388,7 @@ def main() -> None:
             if gpus == 1:
                 reference = latents
             elif reference is not None:
-                run["latents_rel_l2_vs_1_gpu"] = round(relative_l2(latents, reference), 5)
+                run["latents_rel_l2_vs_1_gpu"] = round(relative_error(latents, reference), 5)
         one = result["runs"].get("1")
         if one and "error" not in one and "error" not in run:
             run["step_speedup_vs_1_gpu"] = round(one["per_step_s"] / run["per_step_s"], 3)
@@ -449,7 +429,7 @@ def write(result: dict, args: argparse.Namespace) -> None:
     (args.out / f"{name}.json").write_text(json.dumps(result, indent=1) + "\n")
     (args.out / f"{name}.md").write_text(markdown(result))
     if args.latest:
-        (ROOT / "bench" / "results" / "context-parallel-latest.json").write_text(
+        (Path(__file__).parent / "results" / "context-parallel-latest.json").write_text(
             json.dumps(result, indent=1) + "\n"
         )
 

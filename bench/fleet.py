@@ -1,7 +1,7 @@
 """Fleet benchmark: the real nightly flow on 1, 2, 4... GPUs, and how busy it keeps each of them.
 
-    python bench/fleet.py --gpus 1 2 --clips-per-gpu 5 --steps 6 --out DIR
-    python bench/fleet.py --summarize bench/results/DATE   # merge runs into bench/results/fleet-latest.json
+    python -m bench.fleet --gpus 1 2 --clips-per-gpu 5 --steps 6 --out DIR
+    python -m bench.fleet --summarize bench/results/DATE   # merge runs into bench/results/fleet-latest.json
 
 Run on the GPU machine (bench/README.md has the exact commands used). It builds TI2V-5B at real
 size with random weights once (the compute of real weights) and saves it as a diffusers folder,
@@ -11,7 +11,7 @@ catalog of ``clips-per-gpu x GPUs`` new products. The clips are real-size 1280x7
 only their step count is cut (``--steps``) so that a run fits the device's 10-minute commands.
 
 The real object store cannot run there: an S3 stand-in (moto's server) takes its place, in this
-process; upload throughput to the real store is measured on the CPU machine (bench/upload.py).
+process; upload throughput to the real store is measured on the CPU machine (bench.upload).
 
 Measured per GPU count, between the first clip's start on a GPU and the last clip's end:
 - each GPU's busy fraction: NVML's utilization (the share of time one or more kernels ran),
@@ -28,7 +28,6 @@ import json
 import logging
 import os
 import platform
-import socket
 import statistics
 import subprocess
 import sys
@@ -38,21 +37,14 @@ import time
 from datetime import UTC, datetime
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 from catalogs.schema import CATALOG_SCHEMA
+from infra.processes import free_ports
 
 FAMILY = "ti2v-5b"
 NVML_PERIOD_S = 0.1
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def build_model(model_root: Path, variant: str) -> None:
@@ -70,10 +62,11 @@ def build_model(model_root: Path, variant: str) -> None:
 
         save_random_pipeline(spec, model_root)
     else:
-        # Real size: made on the GPU in bf16 (bench/engine.py), as float32 on the host it would not fit.
-        from bench.engine import build_components, pipeline_for
+        # Real size: made on the GPU in bf16 (bench.real_size), as float32 on the host it would not fit.
+        from bench.common import DEVICE
+        from bench.real_size import build_components, pipeline_for
 
-        pipeline_for(spec, build_components(spec)).save_pretrained(folder)
+        pipeline_for(spec, build_components(spec, DEVICE)).save_pretrained(folder)
     print(f"built {spec.name} in {time.perf_counter() - started:.0f} s at {folder}", flush=True)
 
 
@@ -210,9 +203,10 @@ def run(args: argparse.Namespace) -> None:
     workdir = Path(args.workdir or tempfile.mkdtemp(prefix="wanfactory-fleet-"))
     model_root = workdir / "models"
     subprocess.run(
-        [sys.executable, __file__, "--build-model", str(model_root), "--variant", args.variant], check=True
+        [sys.executable, "-m", "bench.fleet", "--build-model", str(model_root), "--variant", args.variant],
+        check=True,
     )
-    s3_port = free_port()
+    (s3_port,) = free_ports(1)
     # The S3 stand-in: moto's server in this process (the real store cannot run on the GPU machine).
     store = ThreadedMotoServer(ip_address="127.0.0.1", port=s3_port, verbose=False)
     logging.getLogger("werkzeug").setLevel(logging.WARNING)  # a line per request otherwise

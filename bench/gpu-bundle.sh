@@ -1,12 +1,12 @@
 #!/usr/bin/env bash
 # Pack what the GPU image lacks into carries for the device tool.
 #
-# bench/gpu-bundle.sh engine: one carry, .gpu/engine, for bench/engine.py and bench/attention.py:
+# bench/gpu-bundle.sh engine: one carry, .gpu/engine, for python3 -m bench.engine and bench.attention:
 #   diffusers, ftfy, the kernels package diffusers checks for, and FlashAttention's CuTe-DSL kernels
 #   as infra/flash_attention.sh installs them. Start the run with `source .gpu/engine/add.sh`: it
 #   unpacks into /tmp/site and sets PYTHONPATH.
 #
-# bench/gpu-bundle.sh [fleet]: for bench/fleet.py and bench/context_parallel.py, two carries:
+# bench/gpu-bundle.sh [fleet]: for python3 -m bench.fleet and bench.context_parallel, two carries:
 #   .gpu/a  diffusers, ftfy, c2pa-python and a static ffmpeg 7.0.2 (imageio-ffmpeg 0.6.0's, with
 #           vidstab, minterpolate and libx264), unpacked at once; plus the first piece of part B
 #   .gpu/b  the rest of part B: Ray, Prefect (and its server), moto's S3 server, nudenet,

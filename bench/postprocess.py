@@ -1,6 +1,6 @@
 """Post-production benchmark: CPU seconds of every stage per clip, and CPU cores per GPU to keep up.
 
-    python bench/postprocess.py [--out DIR] [--repeats N] [--profiles standard social-30]
+    python -m bench.postprocess [--out DIR] [--repeats N] [--profiles standard social-30]
 
 Runs the real chain (``tasks.postprod.chain.finish_frames``: content filter, stabilization,
 conform with motion interpolation and deflicker, visible and invisible watermarks, H.264
@@ -22,7 +22,6 @@ import json
 import os
 import platform
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -30,8 +29,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
+from bench.common import cpu_name
 from tasks.postprod.chain import ChainTools, finish_frames
 from tasks.postprod.content_filter import FrameClassifier
 from tasks.postprod.profile import PostprocessProfile, load_profiles
@@ -156,7 +154,7 @@ def run(out_dir: Path, repeats: int, profile_names: list[str]) -> dict:
     first = profile_names[0]
     result = {
         "host": platform.node(),
-        "cpu": _cpu_name(),
+        "cpu": cpu_name(),
         "cpu_count": os.cpu_count(),
         "load_average_at_end": round(os.getloadavg()[0], 1),
         "profile": first,
@@ -172,13 +170,6 @@ def run(out_dir: Path, repeats: int, profile_names: list[str]) -> dict:
     (out_dir / "postprocess-latest.json").write_text(json.dumps(result, indent=1) + "\n")
     print(json.dumps(result, indent=1))
     return result
-
-
-def _cpu_name() -> str:
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return platform.processor()
 
 
 def main() -> None:
