@@ -20,7 +20,9 @@ DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 def device_name() -> str:
     """The GPU's name as CUDA reports it (``NVIDIA H100 80GB HBM3``), else ``cpu (<processor>)``."""
-    return torch.cuda.get_device_name() if DEVICE.type == "cuda" else f"cpu ({platform.processor()})"
+    if DEVICE.type == "cuda":
+        return torch.cuda.get_device_name()
+    return f"cpu ({platform.processor() or platform.machine()})"
 
 
 def cpu_name() -> str:
