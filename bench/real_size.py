@@ -108,7 +108,8 @@ def build_components(spec: ModelSpec, device: torch.device) -> dict:
         finally:
             torch.set_default_dtype(torch.float32)
         for model in (vae, text_encoder, *experts):
-            model.requires_grad_(False)
+            # Inference, as from_pretrained leaves a model: no autograd, and no dropout (umT5's is 0.1).
+            model.requires_grad_(False).eval()
         for model in experts:
             # As from_pretrained(torch_dtype=bf16) does: these stay float32.
             for name, module in model.named_modules():
