@@ -50,7 +50,7 @@ class ObjectStore:
         self.client.put_object(
             self.bucket, key, io.BytesIO(data), len(data), content_type=content_type, metadata=metadata
         )
-        # Multipart uploads return no ETag on some servers (NOTES); stat has it.
+        # Multipart uploads return no ETag on some servers (minio SDK 7 against Ceph RGW); stat has it.
         return self.client.stat_object(self.bucket, key).etag
 
     def put_file(

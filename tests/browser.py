@@ -35,7 +35,7 @@ from prefect.server.api.server import create_ui_app
 uvicorn.run(create_ui_app(ephemeral=False), host="127.0.0.1", port=int(sys.argv[1]), log_level="warning")
 """
 
-# Flags that rendered the Prefect UI on these machines (see /work/shared/NOTES.md): no sandbox as root,
+# Flags that rendered the Prefect UI headless on the CI machines: no sandbox as root,
 # no GPU, nothing fetched from Google, /tmp instead of a small /dev/shm.
 _CHROMIUM_FLAGS = [
     "--headless",

@@ -277,7 +277,8 @@ def test_catalog_validate_and_the_run_agree_row_for_row(store):
 
     from flows.cli import app
 
-    store.put_bytes("catalogs/every-problem/images/ok.png", (SAMPLE_DIR / "images" / "mug.png").read_bytes())
+    mug = (SAMPLE_DIR / "images" / "mug.png").read_bytes()
+    store.put_bytes("catalogs/every-problem/images/ok.png", mug, "image/png")
     store.put_bytes("catalogs/every-problem/images/broken.png", b"these bytes are no PNG", "image/png")
     good = {"title": "Tote", "description": "An olive tote.", "style": "outdoor"}
     rows = [
@@ -307,7 +308,9 @@ def test_catalog_validate_and_the_run_agree_row_for_row(store):
     buffer = io.BytesIO()
     pq.write_table(pa.Table.from_pylist([{**r, "updated_at": now} for r in rows], schema=schema), buffer)
     uri = store.uri("catalogs/every-problem/catalog.parquet")
-    store.put_bytes("catalogs/every-problem/catalog.parquet", buffer.getvalue())
+    store.put_bytes(
+        "catalogs/every-problem/catalog.parquet", buffer.getvalue(), "application/vnd.apache.parquet"
+    )
 
     checked = CliRunner().invoke(app, ["catalog", "validate", uri])
     assert checked.exit_code == 1, checked.output
