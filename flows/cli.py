@@ -24,7 +24,7 @@ import typer
 
 from catalogs.sample import SAMPLE_DIR
 from catalogs.sources import load_catalog, read_bytes
-from flows.runs import AB_DEPLOYMENT, ab_run_name, ab_tags
+from flows.runs import AB_DEPLOYMENT, DEPLOYMENTS, ab_run_name, ab_tags
 from infra import stack
 from infra.objectstore import ObjectStore
 from infra.settings import Settings
@@ -66,7 +66,7 @@ def _ui_url() -> str:
 @stack_app.command("up")
 def stack_up() -> None:
     """Start the local object store and Prefect server (idempotent)."""
-    status = stack.stack_up(Settings())
+    status = stack.stack_up(Settings(), DEPLOYMENTS)
     typer.echo(status.describe())
 
 
@@ -80,7 +80,7 @@ def stack_down() -> None:
 @stack_app.command("status")
 def stack_status() -> None:
     """Say what of the local stack is running."""
-    typer.echo(stack.stack_status(Settings()).describe())
+    typer.echo(stack.stack_status(Settings(), DEPLOYMENTS).describe())
 
 
 @app.command()
@@ -311,7 +311,7 @@ def verify(
 def demo() -> None:
     """Start the local stack, build the tiny models, upload the sample catalog and run it once."""
     settings = Settings()
-    typer.echo(stack.stack_up(settings).describe())
+    typer.echo(stack.stack_up(settings, DEPLOYMENTS).describe())
     ensure_tiny_models(settings)
     catalog_upload(SAMPLE_DIR, SAMPLE_CATALOG_PREFIX)
     run_nightly(catalog=f"s3://{settings.s3_bucket}/{SAMPLE_CATALOG_PREFIX}/catalog.parquet", force=False)

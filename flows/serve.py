@@ -27,14 +27,12 @@ from prefect.client.schemas.objects import ConcurrencyLimitConfig, ConcurrencyLi
 from prefect.deployments.runner import EntrypointType, RunnerDeployment
 from prefect.schedules import Cron, Interval
 
-from flows.intake import AB_DEPLOYMENT, intake_watcher
+from flows.intake import intake_watcher
+from flows.runs import AB_DEPLOYMENT, DEPLOYMENTS, INTAKE_DEPLOYMENT, NIGHTLY_DEPLOYMENT
 from infra.settings import Settings
 
 log = logging.getLogger(__name__)
 
-NIGHTLY_DEPLOYMENT = "nightly-catalog/nightly"
-INTAKE_DEPLOYMENT = "intake-watcher/intake"
-DEPLOYMENTS = (NIGHTLY_DEPLOYMENT, AB_DEPLOYMENT, INTAKE_DEPLOYMENT)
 
 # Runs import the flows by module path ("flows.nightly.nightly_catalog"), not by file path: the flow
 # subprocesses then find them wherever the process was started, as long as the package imports.

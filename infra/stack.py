@@ -19,6 +19,7 @@ import os
 import sys
 import urllib.error
 import urllib.request
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -38,8 +39,6 @@ _PREFECT_ARGS = ["-m", "prefect", "server", "start"]
 _SERVE_ARGS = ["-m", "flows.serve"]
 # Its first start imports the engine (torch, diffusers, Ray) before it registers: tens of seconds on 2 cores.
 SERVE_START_TIMEOUT = 180.0
-# What flows.serve registers (flows.serve.DEPLOYMENTS; not imported: `stack status` needs no Prefect).
-SERVED_DEPLOYMENTS = ("nightly-catalog/nightly", "ab-batch/ab", "intake-watcher/intake")
 
 
 class StackError(ServiceError):
@@ -53,6 +52,7 @@ class StackStatus:
     prefect_running: bool
     prefect_ui_url: str
     serve_running: bool = False
+    deployments: tuple[str, ...] = ()  # what serve serves, as its caller names them
 
     def describe(self) -> str:
         def state(running: bool) -> str:
@@ -61,7 +61,7 @@ class StackStatus:
         return (
             f"object store  {state(self.object_store_running):<8} s3 endpoint http://{self.s3_endpoint}\n"
             f"prefect       {state(self.prefect_running):<8} UI {self.prefect_ui_url}\n"
-            f"serve         {state(self.serve_running):<8} deployments {', '.join(SERVED_DEPLOYMENTS)}"
+            f"serve         {state(self.serve_running):<8} deployments {', '.join(self.deployments)}"
         )
 
 
@@ -86,13 +86,14 @@ def object_store(settings: Settings) -> CephObjectStore:
     )
 
 
-def stack_up(settings: Settings) -> StackStatus:
+def stack_up(settings: Settings, deployments: Sequence[str]) -> StackStatus:
     """Start whatever part of the stack is not running, create the bucket if missing, and wait for both.
 
     Also creates (or updates) the read-only reader user and the bucket policy that keeps it out of
     quarantine/ (infra/access.py); both are no-ops when already in place. Last it starts ``wanfactory
-    serve`` against the Prefect server and waits until its deployments are registered, so that the
-    nightly schedule runs and a sheet dropped into intake/ starts an A/B run with no terminal open.
+    serve`` against the Prefect server and waits until ``deployments`` (what it serves) are registered,
+    so that the nightly schedule runs and a sheet dropped into intake/ starts an A/B run with no
+    terminal open.
 
     Raises ObjectStoreError or StackError naming the service that failed (with its log); a service that
     did come up is left running, and the next ``stack_up`` reuses it.
@@ -113,8 +114,8 @@ def stack_up(settings: Settings) -> StackStatus:
     # After the server answers: serving starts by registering the deployments with it.
     launched_at = _start_serve(settings)
     if launched_at is not None:
-        _wait_for_serve(settings, launched_at)
-    status = stack_status(settings)
+        _wait_for_serve(settings, launched_at, deployments)
+    status = stack_status(settings, deployments)
     log.info(
         "stack up s3_endpoint=%s bucket=%s prefect_ui=%s state_dir=%s",
         status.s3_endpoint,
@@ -137,7 +138,7 @@ def stack_down(settings: Settings) -> None:
     log.info("stack down state_dir=%s", settings.state_dir)
 
 
-def stack_status(settings: Settings) -> StackStatus:
+def stack_status(settings: Settings, deployments: Sequence[str] = ()) -> StackStatus:
     """What answers now: the S3 endpoint (anonymous GET /) and Prefect's /api/health."""
     store = object_store(settings)
     return StackStatus(
@@ -146,6 +147,7 @@ def stack_status(settings: Settings) -> StackStatus:
         prefect_running=_prefect_healthy(settings),
         prefect_ui_url=_prefect_url(settings),
         serve_running=_serve(settings).running(),
+        deployments=tuple(deployments),
     )
 
 
@@ -262,11 +264,11 @@ def _registered_since(settings: Settings, deployment: str, since: datetime) -> b
     return updated >= since - timedelta(seconds=1)
 
 
-def _wait_for_serve(settings: Settings, launched_at: datetime) -> None:
+def _wait_for_serve(settings: Settings, launched_at: datetime, deployments: Sequence[str]) -> None:
     """Wait until the serve process has (re-)registered every deployment; stale ones do not count."""
     _serve(settings).wait_ready(
-        lambda: all(_registered_since(settings, d, launched_at) for d in SERVED_DEPLOYMENTS),
+        lambda: all(_registered_since(settings, d, launched_at) for d in deployments),
         SERVE_START_TIMEOUT,
-        f"register {', '.join(SERVED_DEPLOYMENTS)}",
+        f"register {', '.join(deployments)}",
         interval=1.0,
     )
