@@ -14,10 +14,10 @@
 # Each stays under the device's 64 MiB carry with the working tree. Carry .gpu/a in one run and
 # .gpu/b in the run right after (the machine keeps /tmp for ~30 s between runs); start the runs
 # with `bash .gpu/a/add.sh` and `bash .gpu/b/add.sh`; both unpack into /tmp/site.
-# ../shared/gpu/bundle.sh does the same for one spec list; this one splits by what each run needs.
 set -euo pipefail
 root=$(git rev-parse --show-toplevel)
-image_packages="$root/../shared/gpu/image-packages.txt"
+# The packages the device's GPU image already has (names, listed there in 2026-11): not packed again.
+image_packages="$root/bench/gpu-image-packages.txt"
 [ -f "$image_packages" ] || { echo "needs $image_packages (the GPU image's package list)" >&2; exit 2; }
 grep -qx '/.gpu/' "$root/.git/info/exclude" || echo '/.gpu/' >> "$root/.git/info/exclude"
 tmp=$(mktemp -d)

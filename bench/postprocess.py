@@ -35,6 +35,7 @@ from tasks.postprod.content_filter import FrameClassifier
 from tasks.postprod.profile import PostprocessProfile, load_profiles
 from tasks.postprod.provenance import ProvenanceParams, ensure_dev_certificate_chain
 from tasks.records import ClipSpec, GeneratedClip
+from wan_engine import GenerationRequest, get_model_spec, resolve_request
 
 SIZES = {
     "1280x704x121": (1280, 704, 121, 24),
@@ -69,30 +70,22 @@ def shaky_scene(width: int, height: int, frames: int, seed: int = 0) -> np.ndarr
     return video
 
 
+# The model that makes frames at each rate: a clip spec names one (no model made the synthetic frames).
+_MODEL_AT_FPS = {24: "ti2v-5b", 16: "t2v-a14b"}
+
+
 def spec_for(
     name: str, width: int, height: int, frames: int, fps: int, profile: str = "standard"
 ) -> ClipSpec:
-    """A clip spec for synthetic frames of this size (no model made them: model fields are placeholders)."""
+    """A clip spec for synthetic frames of this size, as the model that makes clips at ``fps`` would."""
+    model = get_model_spec(_MODEL_AT_FPS[fps])
+    request = GenerationRequest(prompt="bench", seed=0, width=width, height=height, num_frames=frames)
     return ClipSpec(
         clip_id=f"bench-{name}",
         row=0,
         sku="BENCH",
-        model="bench",
-        family="bench",
-        variant="full",
-        prompt="bench",
-        negative_prompt="",
-        width=width,
-        height=height,
-        num_frames=frames,
-        fps=fps,
-        steps=0,
-        guidance_scale=0.0,
-        guidance_scale_2=None,
-        seed=0,
-        image_uri=None,
-        image_sha256=None,
-        prompt_sha256="",
+        model=model,
+        request=resolve_request(model, request),
         profile=profile,
     )
 
@@ -106,12 +99,10 @@ def measure(profile: PostprocessProfile, repeats: int) -> dict:
         per_size = {}
         for name, (width, height, frames, fps) in SIZES.items():
             clip = GeneratedClip(
-                spec_for(name, width, height, frames, fps),
-                shaky_scene(width, height, frames),
-                fps,
-                0.0,
-                {},
-                "bench",
+                clip=spec_for(name, width, height, frames, fps),
+                frames=shaky_scene(width, height, frames),
+                worker="bench",
+                engine_mode="exact",
             )
             runs = []
             for repeat in range(repeats):

@@ -166,12 +166,9 @@ def finished_clip(files: ClipFiles, clip_id: str) -> FinishedClip:
         spec_for(files.name, files.width, files.height, files.frames, files.fps, profile=PROFILE),
         clip_id=clip_id,
         sku=f"BENCH-{files.name.upper()}",
-        model=files.name,
-        prompt_sha256="0" * 64,  # real length: the metadata headers are part of every request
     )
-    generated = GeneratedClip(spec, None, files.fps, 0.0, {}, "bench")
+    generated = GeneratedClip(clip=spec, frames=None, worker="bench", engine_mode="exact")
     return FinishedClip(
-        spec=spec,
         generated=generated,
         video_path=files.video,
         thumbnail_path=files.thumbnail,

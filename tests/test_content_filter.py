@@ -265,4 +265,3 @@ def test_bad_inputs_are_rejected(classifier: FrameClassifier) -> None:
         FrameFilterParams(blocked_labels={"WEAPON": 0.5})
     with pytest.raises(ValueError, match="threshold"):
         FrameFilterParams(blocked_labels={"ANUS_EXPOSED": 1.5})
-
