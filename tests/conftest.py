@@ -18,6 +18,15 @@ from infra.processes import free_ports
 from infra.settings import Settings
 
 TEST_BUCKET = "wanfactory-test"
+# Fixtures that start a real service: a test that uses one (directly or through another fixture) is
+# marked `services`, so `pytest -m "not services"` is the fast tier of pure logic.
+SERVICE_FIXTURES = frozenset({"s3_server", "prefect_server", "ray_cluster", "scheduling_server"})
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        if SERVICE_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.services)
 
 
 @pytest.fixture(scope="session")

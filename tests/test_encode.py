@@ -9,6 +9,8 @@ from PIL import Image
 from tasks.encode import EncodeError, encode_mp4, encode_thumbnail
 from tests.media import probe_video, top_level_boxes
 
+pytestmark = pytest.mark.services  # runs ffmpeg
+
 
 def moving_square(frames: int = 17, width: int = 96, height: int = 64) -> np.ndarray:
     video = np.full((frames, height, width, 3), 40, dtype=np.uint8)

@@ -20,6 +20,8 @@ from tasks.postprod.invisible import (
 )
 from tests.media import decode_frames
 
+pytestmark = pytest.mark.services  # runs ffmpeg
+
 PAYLOAD = payload_for("sku-123-a1b2c3", "nightly-2026-11-21")
 
 

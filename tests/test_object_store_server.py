@@ -16,6 +16,8 @@ from minio.error import S3Error
 from infra.object_store_server import CephObjectStore, ObjectStoreServerConfig
 from infra.processes import free_ports
 
+pytestmark = pytest.mark.services  # starts its own S3 server
+
 ACCESS_KEY = "test-access"
 SECRET_KEY = "test-secret-key"
 BUCKET = "clips"

@@ -18,6 +18,8 @@ from tasks.postprod.motion import (
     stabilize,
 )
 
+pytestmark = pytest.mark.services  # runs ffmpeg
+
 
 def _texture(height: int, width: int, seed: int) -> np.ndarray:
     """Colour noise at three scales: detail everywhere for motion estimation, and no black pixels."""

@@ -27,6 +27,8 @@ from tasks.postprod.verify import verify_clip
 from tests.media import probe_video, top_level_boxes
 from tests.test_invisible_watermark import textured_clip
 
+pytestmark = pytest.mark.services  # runs ffmpeg
+
 FACTS = ProvenanceFacts(
     clip_id="sku-123-a1b2c3",
     run_id="nightly-2026-11-21",
