@@ -8,12 +8,20 @@ What a model accepts (sizes, frames, steps, the seed's range) is the engine's
 from __future__ import annotations
 
 import hashlib
+import math
 import re
 import unicodedata
 from dataclasses import dataclass
+from typing import Annotated, Any
+
+from pydantic import AfterValidator, BeforeValidator
 
 from catalogs.problems import InvalidValue
+from wan_engine.requests import MAX_SEED
 from wan_engine.specs import ModelSpec, Variant, get_model_spec
+
+MAX_SKU_LENGTH = 128
+MAX_SHEET_ID_LENGTH = 64  # experiment and variant ids, profile names
 
 # SKUs, experiment and variant ids and profile names become object-store folders.
 _STORABLE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
@@ -41,6 +49,35 @@ def parse_size(text: str) -> tuple[int, int]:
     if not match:
         raise InvalidValue(f"{text!r} is not WIDTHxHEIGHT, e.g. 832x480")
     return int(match[1]), int(match[2])
+
+
+def whole_number(value: Any) -> Any:
+    """Spreadsheet exports write integer columns with gaps as floats: 7.0 is 7; NaN and 7.5 are refused."""
+    if isinstance(value, float):
+        if not math.isfinite(value):
+            raise InvalidValue(f"{value} is not a number")
+        if not value.is_integer():
+            raise InvalidValue(f"{value} is not a whole number")
+        return int(value)
+    return value
+
+
+def seed_in_range(seed: int) -> int:
+    """The engine's seed range (:data:`wan_engine.requests.MAX_SEED`)."""
+    if not 0 <= seed <= MAX_SEED:
+        raise InvalidValue(f"{seed} is outside 0 to {MAX_SEED}")
+    return seed
+
+
+def _size_or_as_is(value: Any) -> Any:
+    return parse_size(value) if isinstance(value, str) else value
+
+
+# The rules above as pydantic types, for the models that validate rows with them.
+Sku = Annotated[str, AfterValidator(lambda text: storable_name(text, MAX_SKU_LENGTH))]
+Size = Annotated[tuple[int, int], BeforeValidator(_size_or_as_is)]
+Seed = Annotated[int, BeforeValidator(whole_number), AfterValidator(seed_in_range)]
+WholeNumber = Annotated[int, BeforeValidator(whole_number)]
 
 
 def derive_seed(namespace: str, *parts: object) -> int:

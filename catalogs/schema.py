@@ -8,7 +8,6 @@ refused whole; a cell that cannot be read as its column's type fails its own row
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -16,12 +15,10 @@ from typing import Any
 import pyarrow as pa
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from catalogs.problems import InvalidValue, RowProblem
+from catalogs.problems import RowProblem
 from catalogs.prompts import STYLES
-from catalogs.rules import parse_size, storable_name
-from wan_engine.requests import MAX_SEED
+from catalogs.rules import Seed, Size, Sku, WholeNumber
 
-MAX_SKU_LENGTH = 128
 CATALOG_SCHEMA = pa.schema(
     [
         pa.field("sku", pa.string(), nullable=False),
@@ -61,7 +58,7 @@ class CatalogRow(BaseModel):
     model_config = ConfigDict(frozen=True, str_strip_whitespace=True, extra="ignore")
 
     row: int = Field(description="0-based position in the catalog")
-    sku: str = Field(min_length=1)
+    sku: Sku = Field(min_length=1)  # it names the clip's folder in the object store
     title: str = Field(min_length=1)
     description: str
     style: str
@@ -70,21 +67,12 @@ class CatalogRow(BaseModel):
     prompt: str | None = None
     negative_prompt: str | None = None
     model: str | None = None
-    seed: int | None = None
-    size: tuple[int, int] | None = None
-    num_frames: int | None = Field(default=None, ge=1)  # the model's rules (4k+1, its maximum) at planning
-    steps: int | None = Field(default=None, ge=1, le=1000)
+    seed: Seed | None = None
+    size: Size | None = None
+    num_frames: WholeNumber | None = Field(default=None, ge=1)  # the model's rules (4k+1, ...) at planning
+    steps: WholeNumber | None = Field(default=None, ge=1, le=1000)
     postprocess_profile: str | None = None
     locale: str | None = None
-
-    @field_validator("sku")
-    @classmethod
-    def _storable_sku(cls, sku: str) -> str:
-        # The SKU names the clip's folder in the object store.
-        try:
-            return storable_name(sku, MAX_SKU_LENGTH)
-        except InvalidValue as err:
-            raise ValueError(str(err)) from None
 
     @field_validator("style")
     @classmethod
@@ -94,42 +82,18 @@ class CatalogRow(BaseModel):
         return style
 
     @field_validator(
-        "image_uri", "prompt", "negative_prompt", "model", "postprocess_profile", "locale", mode="before"
+        "image_uri",
+        "prompt",
+        "negative_prompt",
+        "model",
+        "size",
+        "postprocess_profile",
+        "locale",
+        mode="before",
     )
     @classmethod
     def _blank_is_none(cls, value: Any) -> Any:
         return None if isinstance(value, str) and not value.strip() else value
-
-    @field_validator("seed", "num_frames", "steps", mode="before")
-    @classmethod
-    def _whole_number(cls, value: Any) -> Any:
-        # Spreadsheet exports write integer columns with gaps as floats: 7.0 is 7, NaN is no number.
-        if isinstance(value, float):
-            if not math.isfinite(value):
-                raise ValueError(f"{value} is not a number")
-            if not value.is_integer():
-                raise ValueError(f"{value} is not a whole number")
-            return int(value)
-        return value
-
-    @field_validator("seed")
-    @classmethod
-    def _seed_in_range(cls, seed: int | None) -> int | None:
-        if seed is not None and not 0 <= seed <= MAX_SEED:
-            raise ValueError(f"{seed} is outside 0 to {MAX_SEED}")
-        return seed
-
-    @field_validator("size", mode="before")
-    @classmethod
-    def _parse_size(cls, value: Any) -> Any:
-        if value is None or (isinstance(value, str) and not value.strip()):
-            return None
-        if isinstance(value, str):
-            try:
-                return parse_size(value)
-            except InvalidValue as err:
-                raise ValueError(str(err)) from None
-        return value
 
 
 @dataclass(frozen=True)

@@ -39,6 +39,12 @@ sample of every variant of an experiment starts from the same noise, and so on f
 the third, so two variants differ only by what the sheet changes between them (a paired
 comparison, :func:`catalogs.rules.sample_seed`). A variant that wants other seeds lists them.
 
+Each cell is read with the rules catalogs share (:mod:`catalogs.rules`: names, sizes, seeds, the
+default model), the rules the catalog's pydantic model applies as field types. The checks across
+cells of a row (a prompt or a template, a size the model has, an image the model takes) are plain
+code here, not a pydantic model validator: pydantic runs those only once every field passed, and a
+person fixing a sheet should see every problem of a row in one go.
+
 Problems name the row as the spreadsheet shows it (the header is row 1, the first variant row 2)
 and the column by its header as written. A bad row is reported and the others go on; only a file
 that cannot be read as a prompt sheet at all (no ids columns, no prompt column, two columns for
@@ -66,16 +72,21 @@ from openpyxl.utils.exceptions import InvalidFileException
 
 from catalogs.problems import InvalidValue, RowProblem
 from catalogs.prompts import STYLES, product_prompt
-from catalogs.rules import ModelDefaults, parse_size, sample_seed, storable_name
+from catalogs.rules import (
+    MAX_SHEET_ID_LENGTH,
+    ModelDefaults,
+    parse_size,
+    sample_seed,
+    seed_in_range,
+    storable_name,
+)
 from catalogs.sources import read_bytes, resolve_reference, split_s3_uri
-from wan_engine.requests import MAX_SEED
 from wan_engine.specs import MODEL_FAMILIES, ModelSpec, Variant, get_model_spec
 
 if TYPE_CHECKING:
     from minio import Minio
 
 MAX_SAMPLES = 16  # clips per variant: a contact-sheet row, not a load test
-MAX_ID_LENGTH = 64
 ASPECT_RATIOS = ("16:9", "9:16", "1:1")
 
 _WHOLE_NUMBER = re.compile(r"[+-]?\d+(?:\.0*)?")
@@ -552,7 +563,7 @@ def _parse_row(
 def _parse_id(text: str) -> str:
     if not text:
         raise InvalidValue("is required")
-    return storable_name(text, MAX_ID_LENGTH)
+    return storable_name(text, MAX_SHEET_ID_LENGTH)
 
 
 def _parse_template(text: str | None) -> str | None:
@@ -632,9 +643,7 @@ def _parse_seeds(text: str) -> tuple[int, ...]:
     for token in re.split(r"[,;\s]+", text.strip(",; ")):
         if not _WHOLE_NUMBER.fullmatch(token):
             raise InvalidValue(f"{token!r} in {text!r} is not a whole number; write seeds like 1, 2, 3")
-        seed = int(token.split(".")[0])
-        if not 0 <= seed <= MAX_SEED:
-            raise InvalidValue(f"seed {seed} is outside 0 to {MAX_SEED}")
+        seed = seed_in_range(int(token.split(".")[0]))
         if seed in seeds:
             raise InvalidValue(f"seed {seed} is listed twice")
         seeds.append(seed)
@@ -658,7 +667,7 @@ def _parse_profile(text: str | None, known: frozenset[str] | None) -> str | None
     if text is None:
         return None
     try:
-        storable_name(text, MAX_ID_LENGTH)
+        storable_name(text, MAX_SHEET_ID_LENGTH)
     except InvalidValue:
         raise InvalidValue(f"{text!r} is not a profile name (letters, digits, '.', '_' and '-')") from None
     if known is not None and text not in known:
