@@ -32,12 +32,14 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from importlib.resources import files
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
 import cv2
 import numpy as np
 import onnxruntime as ort
+from pydantic import model_validator
 
+from tasks.postprod.params import stage_params
 from tasks.postprod.report import StageReport, cpu_timer
 
 DEFAULT_POLICY_PATH = Path(__file__).with_name("policies") / "default.toml"
@@ -212,7 +214,7 @@ _NMS_SCORE = 0.25
 _NMS_IOU = 0.45
 
 
-@dataclass(frozen=True)
+@stage_params
 class FrameFilterParams:
     """What the frame gate samples and what refuses a clip.
 
@@ -226,7 +228,8 @@ class FrameFilterParams:
     blocked_labels: Mapping[str, float] = field(default_factory=lambda: dict(DEFAULT_BLOCKED_LABELS))
     min_box_area_fraction: float = 0.001
 
-    def __post_init__(self) -> None:
+    @model_validator(mode="after")
+    def _check(self) -> Self:
         if self.sample_frames < 1:
             raise ValueError(f"sample_frames must be at least 1, got {self.sample_frames}")
         if not 0.0 <= self.min_box_area_fraction < 1.0:
@@ -237,6 +240,7 @@ class FrameFilterParams:
         for label, threshold in self.blocked_labels.items():
             if not 0.0 < threshold <= 1.0:
                 raise ValueError(f"threshold for {label} must be in (0, 1], got {threshold}")
+        return self
 
 
 @dataclass(frozen=True)

@@ -22,13 +22,15 @@ import tempfile
 from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, Self
 
 import cv2
 import ffmpeg
 import numpy as np
 import pywt
+from pydantic import model_validator
 
+from tasks.postprod.params import stage_params
 from tasks.postprod.report import StageReport, cpu_timer
 
 PAYLOAD_BITS = 48
@@ -53,7 +55,7 @@ def payload_for(clip_id: str, run_id: str) -> int:
     return int.from_bytes(digest[: PAYLOAD_BITS // 8], "big")
 
 
-@dataclass(frozen=True)
+@stage_params
 class InvisibleWatermarkParams:
     """How the invisible watermark is embedded and read (the reader must use the embedder's values).
 
@@ -81,7 +83,8 @@ class InvisibleWatermarkParams:
     frame_stride: int = 1
     min_strength: float = 0.45
 
-    def __post_init__(self) -> None:
+    @model_validator(mode="after")
+    def _check(self) -> Self:
         if self.method != "dwtDctSvd":
             raise ValueError(f"watermark method {self.method!r}: only 'dwtDctSvd' survives H.264")
         if len(self.scales) != 3 or min(self.scales) < 0 or self.scales[2] or not any(self.scales[:2]):
@@ -90,6 +93,7 @@ class InvisibleWatermarkParams:
             raise ValueError(f"watermark block {self.block}: must be at least 2")
         if self.frame_stride < 1:
             raise ValueError(f"watermark frame_stride {self.frame_stride}: must be at least 1")
+        return self
 
     def to_dict(self) -> dict[str, Any]:
         """The parameters as JSON-ready values, for the stage report."""

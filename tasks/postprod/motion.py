@@ -9,7 +9,7 @@ correlation, in numpy) and skips clips too steady to gain anything.
 from __future__ import annotations
 
 import tempfile
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from fractions import Fraction
 from pathlib import Path
 from typing import Literal
@@ -19,6 +19,7 @@ from PIL import Image
 
 from tasks.postprod import ffmpeg_io
 from tasks.postprod.errors import PostprocessError
+from tasks.postprod.params import stage_params
 from tasks.postprod.report import StageReport, cpu_timer
 
 # Phase correlation runs on grey frames box-reduced by an integer factor to about this long side:
@@ -95,7 +96,7 @@ def residual_motion(frames: np.ndarray, window: int = 9) -> float:
     return float(np.linalg.norm(shifts - trend, axis=1).mean())
 
 
-@dataclass(frozen=True)
+@stage_params
 class StabilizeParams:
     """Settings of :func:`stabilize` (libvidstab's vidstabdetect + vidstabtransform).
 
@@ -211,7 +212,7 @@ def conform_frame_count(frames: int, source_fps: int, target_fps: int) -> int:
     return int(span + Fraction(1, 2)) + 1
 
 
-@dataclass(frozen=True)
+@stage_params
 class ConformParams:
     """Settings of :func:`conform`.
 

@@ -9,13 +9,13 @@ portrait and a landscape clip carry the same-looking mark.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any, Literal
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
 from tasks.postprod.errors import PostprocessError
+from tasks.postprod.params import stage_params
 from tasks.postprod.report import StageReport, cpu_timer
 
 Position = Literal["top-left", "top-right", "bottom-left", "bottom-right", "center"]
@@ -23,7 +23,7 @@ Position = Literal["top-left", "top-right", "bottom-left", "bottom-right", "cent
 DEFAULT_FONT = "/usr/share/fonts/truetype/dejavu/DejaVuSans-Bold.ttf"
 
 
-@dataclass(frozen=True)
+@stage_params
 class VisibleWatermarkParams:
     """Settings of :func:`apply_visible_watermark`.
 

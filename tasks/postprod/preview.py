@@ -3,17 +3,18 @@
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
 from tasks.postprod.errors import PostprocessError
+from tasks.postprod.params import stage_params
 from tasks.postprod.report import StageReport, cpu_timer
 
 
-@dataclass(frozen=True)
+@stage_params
 class PreviewParams:
     """Settings of :func:`write_preview`.
 

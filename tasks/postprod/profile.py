@@ -1,9 +1,9 @@
 """Post-production profiles: named sets of stage parameters, read from TOML.
 
 A profile says how every stage treats a clip (see ``profiles/default.toml``). Profiles are
-data: each sub-table is passed to its stage's parameter dataclass, so a field name that the
-stage does not know is an error naming the profile and the table, raised when the run starts
-rather than halfway through it.
+data: each sub-table is passed to its stage's parameters (:func:`tasks.postprod.params.stage_params`),
+so a field name the stage does not know, or a value of the wrong type, choice or range, is an error
+naming the profile and the table, raised when the run starts rather than halfway through it.
 """
 
 from __future__ import annotations
@@ -15,10 +15,13 @@ from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
+from pydantic import ValidationError
+
 from tasks.postprod.content_filter import FrameFilterParams
 from tasks.postprod.invisible import InvisibleWatermarkParams, watermark_size_problem
 from tasks.postprod.motion import ConformParams, StabilizeParams
 from tasks.postprod.overlay import VisibleWatermarkParams
+from tasks.postprod.params import stage_params
 from tasks.postprod.preview import PreviewParams
 
 DEFAULT_PROFILES_PATH = Path(__file__).with_name("profiles") / "default.toml"
@@ -28,7 +31,7 @@ class ProfileError(ValueError):
     """A profiles file or a profile name that cannot be used."""
 
 
-@dataclass(frozen=True)
+@stage_params
 class DeliveryParams:
     """Delivery size: clips whose shorter side is below ``min_short_side`` are upscaled to it (0: never)."""
 
@@ -47,7 +50,7 @@ def _even(value: float) -> int:
     return max(2, int(round(value / 2)) * 2)
 
 
-@dataclass(frozen=True)
+@stage_params
 class ProvenanceSwitch:
     """Whether clips are signed with C2PA; the certificates come from settings, not profiles."""
 
@@ -137,12 +140,6 @@ _SECTIONS: dict[str, type] = {
     "provenance": ProvenanceSwitch,
     "preview": PreviewParams,
 }
-# TOML has arrays, not tuples; these fields are tuples in their dataclasses.
-_TUPLE_FIELDS = {
-    ("invisible_watermark", "scales"),
-    ("visible_watermark", "text_color"),
-    ("visible_watermark", "outline_color"),
-}
 
 
 def _section(profile: str, section: str, table: dict[str, Any]) -> tuple[Any, str | None]:
@@ -155,13 +152,15 @@ def _section(profile: str, section: str, table: dict[str, Any]) -> tuple[Any, st
         raise ProfileError(
             f"profile '{profile}', table [{section}]: unknown fields {unknown}; known: {sorted(known)}"
         )
-    for key in values:
-        if (section, key) in _TUPLE_FIELDS:
-            values[key] = tuple(values[key])
     try:
         return cls(**values), logo_uri
-    except (TypeError, ValueError) as err:
-        raise ProfileError(f"profile '{profile}', table [{section}]: {err}") from err
+    except ValidationError as err:
+        problems = "; ".join(
+            (f"{'.'.join(map(str, error['loc']))}: " if error["loc"] else "")
+            + error["msg"].removeprefix("Value error, ")
+            for error in err.errors()
+        )
+        raise ProfileError(f"profile '{profile}', table [{section}]: {problems}") from None
 
 
 def parse_profiles(document: dict[str, Any], base: Path) -> dict[str, PostprocessProfile]:
