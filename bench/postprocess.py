@@ -24,6 +24,7 @@ import platform
 import statistics
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -32,6 +33,7 @@ from PIL import Image
 from bench.common import cpu_name
 from tasks.postprod.chain import ChainTools, finish_frames
 from tasks.postprod.content_filter import FrameClassifier
+from tasks.postprod.overlay import WatermarkStamps
 from tasks.postprod.profile import PostprocessProfile, load_profiles
 from tasks.postprod.provenance import ProvenanceParams, ensure_dev_certificate_chain
 from tasks.records import ClipSpec, GeneratedClip
@@ -95,7 +97,8 @@ def measure(profile: PostprocessProfile, repeats: int) -> dict:
     logo = Image.open(profile.logo_location) if profile.logo_location else None
     with tempfile.TemporaryDirectory() as tmp:
         provenance = ProvenanceParams.for_chain(ensure_dev_certificate_chain(Path(tmp) / "c2pa"))
-        tools = ChainTools(FrameClassifier(1), provenance, logo, threads=1)
+        mark = replace(profile.visible_watermark, logo=logo) if logo else profile.visible_watermark
+        tools = ChainTools(FrameClassifier(1), provenance, WatermarkStamps(mark), threads=1)
         per_size = {}
         for name, (width, height, frames, fps) in SIZES.items():
             clip = GeneratedClip(

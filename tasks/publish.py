@@ -13,7 +13,7 @@ import io
 import logging
 import tempfile
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 from PIL import Image
@@ -24,6 +24,7 @@ from infra.objectstore import ObjectStore
 from infra.settings import ObjectStoreConfig
 from tasks.postprod.chain import ChainTools, StageError, finish_frames
 from tasks.postprod.content_filter import FrameClassifier
+from tasks.postprod.overlay import WatermarkStamps
 from tasks.postprod.profile import PostprocessProfile
 from tasks.postprod.provenance import ProvenanceParams
 from tasks.records import ClipStatus, FinishedClip, GeneratedClip, ManifestEntry
@@ -126,7 +127,8 @@ def quarantine_clip(store: ObjectStore, finished: FinishedClip, run_id: str) -> 
 
 
 class Finisher:
-    """Post-produces and publishes a run's clips, one at a time; its tools are loaded once."""
+    """Post-produces and publishes a run's clips, one at a time; its tools (the classifier's model, each
+    profile's logo and rendered mark) are loaded once."""
 
     def __init__(self, context: FinishingContext, run_id: str) -> None:
         self.run_id = run_id
@@ -142,7 +144,10 @@ class Finisher:
             except Exception as err:
                 self.broken[name] = f"cannot read the logo {profile.logo_uri!r}: {type(err).__name__}: {err}"
                 continue
-            self.tools[name] = ChainTools(classifier, context.provenance, logo, context.threads)
+            mark = replace(profile.visible_watermark, logo=logo) if logo else profile.visible_watermark
+            self.tools[name] = ChainTools(
+                classifier, context.provenance, WatermarkStamps(mark), context.threads
+            )
 
     def finish(self, generated: GeneratedClip) -> ManifestEntry:
         """Post-process and publish one generated clip; any failure is a failed entry naming its stage."""

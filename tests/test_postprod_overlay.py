@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from tasks.postprod import overlay
 from tasks.postprod.errors import PostprocessError
 from tasks.postprod.overlay import VisibleWatermarkParams, apply_visible_watermark
 from tasks.postprod.preview import PreviewParams, write_preview
@@ -145,3 +146,23 @@ def test_long_clip_preview_is_bounded(tmp_path) -> None:
     with Image.open(tmp_path / "p.webp") as image:
         assert image.n_frames == report.outcome["frames"] == 32  # 4 s at 8 fps, sampled over all 10 s
         assert image.size == (48, 64)  # never upscaled
+
+
+def test_a_profiles_mark_is_rendered_once_per_frame_size(monkeypatch) -> None:
+    rendered = []
+    render = overlay.watermark_stamp
+    monkeypatch.setattr(
+        overlay, "watermark_stamp", lambda p, w, h: rendered.append((w, h)) or render(p, w, h)
+    )
+    logo = Image.new("RGBA", (40, 20), (*RED, 255))
+    params = VisibleWatermarkParams(logo=logo, text="AI-generated")
+    stamps = overlay.WatermarkStamps(params)
+    frames = np.full((2, 64, 96, 3), 90, np.uint8)
+    once, _ = apply_visible_watermark(frames, params, stamps)
+    for _ in range(2):
+        again, _ = apply_visible_watermark(frames, params, stamps)
+        assert np.array_equal(again, once)
+    apply_visible_watermark(_black(96, 64, 1), params, stamps)
+    assert rendered == [(96, 64), (64, 96)]
+    fresh, _ = apply_visible_watermark(frames, params)  # rendered anew: the same pixels
+    assert np.array_equal(fresh, once)

@@ -13,18 +13,17 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
 
 from tasks.encode import encode_mp4, encode_thumbnail
 from tasks.postprod.content_filter import FrameClassifier, FrameDecision
 from tasks.postprod.ffmpeg_io import filter_frames, raw_input, raw_output
 from tasks.postprod.invisible import embed_watermark, format_payload, payload_for
 from tasks.postprod.motion import conform, stabilize
-from tasks.postprod.overlay import apply_visible_watermark
+from tasks.postprod.overlay import WatermarkStamps, apply_visible_watermark
 from tasks.postprod.preview import write_preview
 from tasks.postprod.profile import DeliveryParams, PostprocessProfile
 from tasks.postprod.provenance import ProvenanceFacts, ProvenanceParams, sign_clip
@@ -37,11 +36,11 @@ DELIVERY_CRF = 18
 
 @dataclass(frozen=True)
 class ChainTools:
-    """What a finishing worker loads once and reuses for every clip."""
+    """What a finishing worker loads once per profile and reuses for every clip."""
 
     classifier: FrameClassifier
     provenance: ProvenanceParams
-    logo: Image.Image | None
+    stamps: WatermarkStamps  # the profile's visible mark, with its logo, by frame size
     threads: int = 1
 
 
@@ -112,11 +111,8 @@ def finish_frames(
         frames, report = conform(frames, fps, conform_params)
     stages.append(report)
     fps = conform_params.target_fps
-    visible = profile.visible_watermark
-    if tools.logo is not None:
-        visible = replace(visible, logo=tools.logo)
     with _stage("visible_watermark"):
-        frames, report = apply_visible_watermark(frames, visible)
+        frames, report = apply_visible_watermark(frames, tools.stamps.params, tools.stamps)
     stages.append(report)
     payload = payload_for(clip.clip_id, run_id)
     with _stage("invisible_watermark"):

@@ -121,6 +121,20 @@ def watermark_stamp(params: VisibleWatermarkParams, width: int, height: int) -> 
     return stamp
 
 
+class WatermarkStamps:
+    """One profile's mark at each frame size, rendered once (logo scaled, label font loaded and drawn)
+    and reused by every clip of that size; a finishing worker keeps one per profile."""
+
+    def __init__(self, params: VisibleWatermarkParams) -> None:
+        self.params = params
+        self._by_size: dict[tuple[int, int], Image.Image | None] = {}
+
+    def __call__(self, width: int, height: int) -> Image.Image | None:
+        if (width, height) not in self._by_size:
+            self._by_size[width, height] = watermark_stamp(self.params, width, height)
+        return self._by_size[width, height]
+
+
 def _origin(params: VisibleWatermarkParams, frame_w: int, frame_h: int, w: int, h: int) -> tuple[int, int]:
     """Top-left corner of a ``w`` x ``h`` mark placed by ``params.position`` and ``params.margin``."""
     if params.position == "center":
@@ -132,9 +146,11 @@ def _origin(params: VisibleWatermarkParams, frame_w: int, frame_h: int, w: int, 
 
 
 def apply_visible_watermark(
-    frames: np.ndarray, params: VisibleWatermarkParams
+    frames: np.ndarray, params: VisibleWatermarkParams, stamps: WatermarkStamps | None = None
 ) -> tuple[np.ndarray, StageReport]:
     """Composite the visible watermark onto every frame; returns a new array and the stage report.
+
+    ``stamps`` renders the mark (default: rendered anew from ``params`` for this call).
 
     ``outcome["box"]`` is the mark's ``[x, y, width, height]`` in the frame (clipped to it).
     With neither logo nor text, or zero opacity, the input is returned with ``applied=False``.
@@ -144,7 +160,7 @@ def apply_visible_watermark(
         raise PostprocessError(f"opacity must be within 0..1, got {params.opacity}")
     _, height, width, _ = frames.shape
     with cpu_timer(report):
-        stamp = watermark_stamp(params, width, height)
+        stamp = (stamps or WatermarkStamps(params))(width, height)
         if stamp is None or params.opacity == 0:
             report.outcome["reason"] = "no logo or text" if stamp is None else "opacity 0"
             return frames, report
