@@ -31,6 +31,7 @@ import numpy as np
 from PIL import Image
 
 from bench.common import cpu_name
+from catalogs.problems import RowRef
 from tasks.postprod.chain import ChainTools, finish_frames
 from tasks.postprod.content_filter import FrameClassifier
 from tasks.postprod.overlay import WatermarkStamps
@@ -84,8 +85,7 @@ def spec_for(
     request = GenerationRequest(prompt="bench", seed=0, width=width, height=height, num_frames=frames)
     return ClipSpec(
         clip_id=f"bench-{name}",
-        row=0,
-        sku="BENCH",
+        origin=RowRef(source="catalog", row=0, sku="BENCH"),
         model=model,
         request=resolve_request(model, request),
         profile=profile,

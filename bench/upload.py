@@ -51,6 +51,7 @@ from pydantic import SecretStr
 
 from bench.common import cpu_name
 from bench.postprocess import spec_for
+from catalogs.problems import RowRef
 from infra.object_store_server import CephObjectStore, ObjectStoreServerConfig
 from infra.objectstore import ObjectStore
 from infra.processes import free_ports, read_pid_file
@@ -165,7 +166,7 @@ def finished_clip(files: ClipFiles, clip_id: str) -> FinishedClip:
     spec = replace(
         spec_for(files.name, files.width, files.height, files.frames, files.fps, profile=PROFILE),
         clip_id=clip_id,
-        sku=f"BENCH-{files.name.upper()}",
+        origin=RowRef(source="catalog", row=0, sku=f"BENCH-{files.name.upper()}"),
     )
     generated = GeneratedClip(clip=spec, frames=None, worker="bench", engine_mode="exact")
     return FinishedClip(

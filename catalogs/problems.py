@@ -1,11 +1,12 @@
-"""Why a row of a catalog or a prompt sheet cannot become a clip: one problem type for both sources.
+"""Which row a clip or a problem comes from, and why a row cannot become a clip: one type for both
+sources, catalogs and prompt sheets.
 
-Rows are numbered the way each source's users see them, and :class:`RowProblem` says which:
+Rows are numbered the way each source's users see them, and :class:`RowRef` says which:
 
 * ``catalog``: the row's 0-based position in the Parquet file, as pandas and pyarrow count;
 * ``sheet``: the row as a spreadsheet shows it (the header is row 1, the first variant row 2).
 
-The manifest's ``row`` column and :class:`tasks.records.ClipSpec` carry the same numbers.
+The manifest's ``row`` column carries the same numbers.
 """
 
 from __future__ import annotations
@@ -17,24 +18,36 @@ RowSource = Literal["catalog", "sheet"]
 
 
 @dataclass(frozen=True, kw_only=True)
-class RowProblem:
-    """One reason a row (or, with ``row`` None, a whole sheet column) is not used as written."""
+class RowRef:
+    """A row of a catalog (by position, with its SKU) or of a prompt sheet (as the sheet shows it, with
+    its experiment and variant cells as written)."""
 
     source: RowSource
-    row: int | None  # in the source's own numbering (see the module's docstring)
-    field: str  # a catalog's column name; a sheet's column header as written in the sheet
-    message: str
+    row: int | None  # in the source's own numbering (see the module's docstring); None: no one row
     sku: str | None = None  # catalogs
-    # Sheets: the row's experiment and variant cells as written, so a failure is listed with its experiment.
-    experiment_id: str | None = None
+    experiment_id: str | None = None  # sheets
     variant_id: str | None = None
 
     def __str__(self) -> str:
+        if self.row is None:
+            return ""
         if self.source == "sheet":
-            where = f"row {self.row}, " if self.row is not None else ""
-            return f"{where}column {self.field!r}: {self.message}"
-        sku = f" (sku {self.sku!r})" if self.sku else ""
-        return f"row {self.row}{sku}, field {self.field!r}: {self.message}"
+            return f"row {self.row}"
+        return f"row {self.row}" + (f" (sku {self.sku!r})" if self.sku else "")
+
+
+@dataclass(frozen=True, kw_only=True)
+class RowProblem:
+    """One reason a row (or, at a row of None, a whole sheet column) is not used as written."""
+
+    at: RowRef
+    field: str  # a catalog's column name; a sheet's column header as written in the sheet
+    message: str
+
+    def __str__(self) -> str:
+        where = f"{self.at}, " if self.at.row is not None else ""
+        kind = "column" if self.at.source == "sheet" else "field"
+        return f"{where}{kind} {self.field!r}: {self.message}"
 
 
 class InvalidValue(ValueError):

@@ -15,7 +15,7 @@ from typing import Any
 import pyarrow as pa
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from catalogs.problems import RowProblem
+from catalogs.problems import RowProblem, RowRef
 from catalogs.prompts import STYLES
 from catalogs.rules import Seed, Size, Sku, WholeNumber
 
@@ -142,28 +142,18 @@ def validate_catalog(table: pa.Table) -> ValidatedCatalog:
     rows, problems = [], []
     seen_skus: dict[str, int] = {}
     for index, record in enumerate(catalog_records(table)):
-        sku = record.get("sku") if isinstance(record.get("sku"), str) else None
+        at = RowRef(
+            source="catalog", row=index, sku=record["sku"] if isinstance(record["sku"], str) else None
+        )
         try:
             row = CatalogRow(row=index, **record)
         except ValidationError as err:
             for error in err.errors():
                 field = ".".join(str(part) for part in error["loc"]) or "row"
-                problems.append(
-                    RowProblem(
-                        source="catalog", row=index, sku=sku, field=field, message=_plain_message(error)
-                    )
-                )
+                problems.append(RowProblem(at=at, field=field, message=_plain_message(error)))
             continue
         if row.sku in seen_skus:
-            problems.append(
-                RowProblem(
-                    source="catalog",
-                    row=index,
-                    sku=row.sku,
-                    field="sku",
-                    message=f"duplicates row {seen_skus[row.sku]}",
-                )
-            )
+            problems.append(RowProblem(at=at, field="sku", message=f"duplicates row {seen_skus[row.sku]}"))
             continue
         seen_skus[row.sku] = index
         rows.append(row)

@@ -70,7 +70,7 @@ import pyarrow as pa
 from openpyxl.utils import get_column_letter
 from openpyxl.utils.exceptions import InvalidFileException
 
-from catalogs.problems import InvalidValue, RowProblem
+from catalogs.problems import InvalidValue, RowProblem, RowRef
 from catalogs.prompts import STYLES, product_prompt
 from catalogs.rules import (
     MAX_SHEET_ID_LENGTH,
@@ -181,26 +181,7 @@ class SheetRules:
 
 
 def _sheet_problem(row: int | None, column: str, message: str) -> RowProblem:
-    return RowProblem(source="sheet", row=row, field=column, message=message)
-
-
-@dataclass(frozen=True, kw_only=True)
-class SheetClip:
-    """One clip to make for a variant: its sample number, seed and every input, resolved."""
-
-    experiment_id: str
-    variant_id: str
-    row: int
-    sample: int  # 0-based position among the variant's samples
-    seed: int
-    prompt: str
-    negative_prompt: str | None
-    model: str
-    model_variant: Variant
-    width: int
-    height: int
-    image_uri: str | None
-    postprocess_profile: str | None
+    return RowProblem(at=RowRef(source="sheet", row=row), field=column, message=message)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -228,24 +209,16 @@ class SheetVariant:
 
     def clips(self) -> list[SheetClip]:
         """One clip per seed, in the order of the seeds."""
-        return [
-            SheetClip(
-                experiment_id=self.experiment_id,
-                variant_id=self.variant_id,
-                row=self.row,
-                sample=index,
-                seed=seed,
-                prompt=self.prompt,
-                negative_prompt=self.negative_prompt,
-                model=self.model,
-                model_variant=self.model_variant,
-                width=self.width,
-                height=self.height,
-                image_uri=self.image_uri,
-                postprocess_profile=self.postprocess_profile,
-            )
-            for index, seed in enumerate(self.seeds)
-        ]
+        return [SheetClip(variant=self, sample=index, seed=seed) for index, seed in enumerate(self.seeds)]
+
+
+@dataclass(frozen=True, kw_only=True)
+class SheetClip:
+    """One clip to make for a variant: which of its samples, with which seed."""
+
+    variant: SheetVariant
+    sample: int  # 0-based position among the variant's samples
+    seed: int
 
 
 @dataclass(frozen=True)
@@ -305,13 +278,7 @@ def read_prompt_sheet(
         if isinstance(parsed, SheetVariant):
             variants.append(parsed)
         else:
-            experiment, variant = (
-                values.get("experiment_id", "").strip(),
-                values.get("variant_id", "").strip(),
-            )
-            problems.extend(
-                replace(p, experiment_id=experiment or None, variant_id=variant or None) for p in parsed
-            )
+            problems.extend(parsed)
     return SheetReadResult(variants, problems, warnings, prompt_sheet_table(variants))
 
 
@@ -462,12 +429,19 @@ def _parse_row(
     claimed: dict[tuple[str, str], int],
 ) -> SheetVariant | list[RowProblem]:
     problems: list[RowProblem] = []
+    # The row's experiment and variant cells as written, so its problems are listed with its experiment.
+    at = RowRef(
+        source="sheet",
+        row=row,
+        experiment_id=values.get("experiment_id", "").strip() or None,
+        variant_id=values.get("variant_id", "").strip() or None,
+    )
 
     def header(name: str) -> str:
         return headers.get(name, name)
 
     def report(name: str, message: str) -> None:
-        problems.append(_sheet_problem(row, header(name), message))
+        problems.append(RowProblem(at=at, field=header(name), message=message))
 
     def check(name: str, parse: Callable[..., Any], *args: Any) -> Any:
         # One cell's value, or _BAD after recording why it cannot be used, under the cell's own header.

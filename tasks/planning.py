@@ -15,7 +15,7 @@ from collections.abc import Collection, Mapping
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
-from catalogs.problems import RowProblem, RowSource
+from catalogs.problems import RowProblem, RowRef
 from catalogs.prompts import product_prompt
 from catalogs.rules import ModelDefaults, product_seed
 from catalogs.schema import CatalogRow, ValidatedCatalog
@@ -93,39 +93,26 @@ def clip_id_for(determinants: Mapping[str, object]) -> str:
 class ClipInputs:
     """What a catalog row or a prompt-sheet sample asks for, before the model's rules are applied."""
 
-    source: RowSource
-    row: int  # in the source's own numbering
-    sku: str | None = None
-    experiment_id: str | None = None
-    variant_id: str | None = None
-    sample: int | None = None
+    origin: RowRef
+    sample: int | None = None  # A/B samples
     family: str
-    prompt: str
-    negative_prompt: str | None
-    seed: int
-    size: tuple[int, int] | None
+    request: GenerationRequest  # as the row asks; None fields take the model's defaults
     image_uri: str | None
     profile: str
-    num_frames: int | None = None  # None: the model's default
-    steps: int | None = None
 
     @property
     def identity(self) -> dict[str, object]:
         """What names the clip besides its inputs: the product, or the experiment's variant and sample."""
-        if self.sku is not None:
-            return {"sku": self.sku}
-        return {"experiment": self.experiment_id, "variant": self.variant_id, "sample": self.sample}
+        if self.origin.sku is not None:
+            return {"sku": self.origin.sku}
+        return {
+            "experiment": self.origin.experiment_id,
+            "variant": self.origin.variant_id,
+            "sample": self.sample,
+        }
 
     def problem(self, field_name: str, message: str) -> RowProblem:
-        return RowProblem(
-            source=self.source,
-            row=self.row,
-            field=field_name,
-            message=message,
-            sku=self.sku,
-            experiment_id=self.experiment_id,
-            variant_id=self.variant_id,
-        )
+        return RowProblem(at=self.origin, field=field_name, message=message)
 
 
 def plan_inputs(
@@ -143,19 +130,7 @@ def plan_inputs(
     if profile is None:
         known = ", ".join(sorted(rules.profiles))
         return [inputs.problem("postprocess_profile", f"unknown profile {inputs.profile!r}; known: {known}")]
-    width, height = inputs.size or (None, None)
-    request = resolve_request(
-        spec,
-        GenerationRequest(
-            prompt=inputs.prompt,
-            seed=inputs.seed,
-            negative_prompt=inputs.negative_prompt,
-            width=width,
-            height=height,
-            num_frames=inputs.num_frames,
-            steps=inputs.steps,
-        ),
-    )
+    request = resolve_request(spec, inputs.request)
     problems = [
         inputs.problem(_SOURCE_FIELD.get(p.field, p.field), p.message)
         for p in request_problems(spec, request, has_image=inputs.image_uri is not None)
@@ -182,10 +157,7 @@ def plan_inputs(
     }
     return ClipSpec(
         clip_id=clip_id_for(determinants),
-        row=inputs.row,
-        sku=inputs.sku,
-        experiment_id=inputs.experiment_id,
-        variant_id=inputs.variant_id,
+        origin=inputs.origin,
         sample=inputs.sample,
         model=spec,
         request=request,
@@ -197,34 +169,28 @@ def plan_inputs(
 
 def catalog_inputs(row: CatalogRow, rules: PlanningRules) -> ClipInputs:
     """What a valid catalog row asks for, with the run's defaults."""
+    width, height = row.size or (None, None)
     return ClipInputs(
-        source="catalog",
-        row=row.row,
-        sku=row.sku,
+        origin=RowRef(source="catalog", row=row.row, sku=row.sku),
         family=rules.models.family_for(row.model, row.image_uri is not None),
-        prompt=product_prompt(row),
-        negative_prompt=row.negative_prompt,
-        seed=product_seed(row.sku) if row.seed is None else row.seed,
-        size=row.size,
+        request=GenerationRequest(
+            prompt=product_prompt(row),
+            seed=product_seed(row.sku) if row.seed is None else row.seed,
+            negative_prompt=row.negative_prompt,
+            width=width,
+            height=height,
+            num_frames=row.num_frames,
+            steps=row.steps,
+        ),
         image_uri=row.image_uri,
         profile=row.postprocess_profile or rules.default_profile,
-        num_frames=row.num_frames,
-        steps=row.steps,
     )
 
 
 def rejection(run_id: str, problems: list[RowProblem], stage: str) -> ManifestEntry:
     """One failed manifest entry for a row, with all of its problems as the reason."""
-    first = problems[0]
-    return ManifestEntry(
-        run_id=run_id,
-        row=first.row or 0,
-        sku=first.sku,
-        experiment_id=first.experiment_id,
-        variant_id=first.variant_id,
-        status=ClipStatus.FAILED,
-        stage=stage,
-        reason="; ".join(str(p) for p in problems),
+    return ManifestEntry.of_row(
+        problems[0].at, run_id, ClipStatus.FAILED, stage=stage, reason="; ".join(str(p) for p in problems)
     )
 
 
@@ -245,7 +211,7 @@ class _Triage:
         self.problems += problems
         by_row: dict[int | None, list[RowProblem]] = {}
         for problem in problems:
-            by_row.setdefault(problem.row, []).append(problem)
+            by_row.setdefault(problem.at.row, []).append(problem)
         self.rejected += [replace(rejection(self.run_id, row, stage), **details) for row in by_row.values()]
 
     def add(self, inputs: ClipInputs, planned: ClipSpec | list[RowProblem], locale: str | None) -> None:
@@ -285,7 +251,7 @@ class _Triage:
             skipped=self.skipped,
             rejected=sorted(self.rejected, key=lambda entry: entry.row),
             refused=self.refused,
-            problems=sorted(self.problems, key=lambda problem: problem.row or 0),
+            problems=sorted(self.problems, key=lambda problem: problem.at.row or 0),
         )
 
 
@@ -323,20 +289,26 @@ def plan_sheet(
     triage = _Triage(rules, run_id, published_keys)
     triage.reject(sheet.problems, "validate")
     for clip in expand_variants(sheet.variants):
+        variant = clip.variant
         inputs = ClipInputs(
-            source="sheet",
-            row=clip.row,
-            experiment_id=clip.experiment_id,
-            variant_id=clip.variant_id,
+            origin=RowRef(
+                source="sheet",
+                row=variant.row,
+                experiment_id=variant.experiment_id,
+                variant_id=variant.variant_id,
+            ),
             sample=clip.sample,
-            family=clip.model,
-            prompt=clip.prompt,
-            negative_prompt=clip.negative_prompt,
-            seed=clip.seed,
-            size=(clip.width, clip.height),
-            image_uri=clip.image_uri,
-            profile=clip.postprocess_profile or rules.default_profile,
+            family=variant.model,
+            request=GenerationRequest(
+                prompt=variant.prompt,
+                seed=clip.seed,
+                negative_prompt=variant.negative_prompt,
+                width=variant.width,
+                height=variant.height,
+            ),
+            image_uri=variant.image_uri,
+            profile=variant.postprocess_profile or rules.default_profile,
         )
-        image = images.get(clip.image_uri) if clip.image_uri else None
+        image = images.get(variant.image_uri) if variant.image_uri else None
         triage.add(inputs, plan_inputs(inputs, rules, image), None)
     return triage.plan()

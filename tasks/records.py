@@ -28,6 +28,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
+from catalogs.problems import RowRef
 from tasks.postprod.report import StageReport
 from wan_engine.requests import GenerationRequest
 from wan_engine.specs import ModelSpec
@@ -44,20 +45,34 @@ class ClipStatus(StrEnum):
 class ClipSpec:
     """One planned clip: every input that determines its frames, resolved against its model and checked.
 
-    A catalog clip has a ``sku``; an A/B sample has ``experiment_id``, ``variant_id`` and ``sample``.
+    ``origin`` is the row it comes from: a catalog's product (its SKU) or a prompt sheet's variant
+    (experiment and variant), of which this is sample ``sample``.
     """
 
     clip_id: str
-    row: int  # in the source's own numbering (catalogs.problems): a catalog's position, a sheet's row
-    sku: str | None = None
-    experiment_id: str | None = None
-    variant_id: str | None = None
-    sample: int | None = None  # 0-based among the variant's samples
+    origin: RowRef
+    sample: int | None = None  # A/B samples: 0-based among the variant's samples
     model: ModelSpec
     request: GenerationRequest  # resolved against the model; the image is loaded by the generator actor
     image_uri: str | None = None
     image_sha256: str | None = None
     profile: str  # the post-production profile's name
+
+    @property
+    def row(self) -> int:
+        return self.origin.row or 0
+
+    @property
+    def sku(self) -> str | None:
+        return self.origin.sku
+
+    @property
+    def experiment_id(self) -> str | None:
+        return self.origin.experiment_id
+
+    @property
+    def variant_id(self) -> str | None:
+        return self.origin.variant_id
 
     @property
     def label(self) -> str:
@@ -204,14 +219,11 @@ class ManifestEntry:
     def of_clip(cls, clip: ClipSpec, run_id: str, status: ClipStatus, **details: Any) -> ManifestEntry:
         """The entry of a planned clip: what the plan fixed, plus ``details`` of what became of it."""
         request = clip.request
-        return cls(
-            run_id=run_id,
-            row=clip.row,
-            sku=clip.sku,
-            experiment_id=clip.experiment_id,
-            variant_id=clip.variant_id,
+        return cls.of_row(
+            clip.origin,
+            run_id,
+            status,
             sample=clip.sample,
-            status=status,
             clip_id=clip.clip_id,
             model=clip.model.name,
             seed=request.seed,
@@ -223,6 +235,19 @@ class ManifestEntry:
             num_frames=request.num_frames,
             fps=clip.model.fps,
             profile=clip.profile,
+            **details,
+        )
+
+    @classmethod
+    def of_row(cls, origin: RowRef, run_id: str, status: ClipStatus, **details: Any) -> ManifestEntry:
+        """The entry of anything from row ``origin``: a planned clip, or a row that could not be one."""
+        return cls(
+            run_id=run_id,
+            row=origin.row or 0,
+            sku=origin.sku,
+            experiment_id=origin.experiment_id,
+            variant_id=origin.variant_id,
+            status=status,
             **details,
         )
 

@@ -262,7 +262,7 @@ def test_rows_choose_frames_and_steps_within_the_models_rules():
         ]
     )
     catalog = validate_catalog(table)
-    assert [(p.sku, p.field) for p in catalog.problems] == [("NO-STEPS", "steps")]
+    assert [(p.at.sku, p.field) for p in catalog.problems] == [("NO-STEPS", "steps")]
     plan = plan_clips(catalog, RULES, "run-1", {}, set())
     clips = {c.sku: c for c in plan.clips}
     assert sorted(clips) == ["DEFAULT", "SHORT"]
@@ -319,7 +319,7 @@ def test_a_bad_cell_fails_its_row_not_the_catalog():
     catalog = validate_catalog(table)
     assert [row.sku for row in catalog.rows] == ["GOOD", "GOOD-2"]
     assert catalog.rows[0].seed == 1 and catalog.rows[0].num_frames == 17
-    problems = {(p.row, p.sku, p.field) for p in catalog.problems}
+    problems = {(p.at.row, p.at.sku, p.field) for p in catalog.problems}
     assert problems == {(1, "NAN-SEED", "seed"), (2, "HUGE-SEED", "seed"), (3, "WORDS", "num_frames")}
     messages = [str(p) for p in catalog.problems]
     assert any(m.startswith("row 2 (sku 'HUGE-SEED'), field 'seed': ") for m in messages), messages

@@ -8,6 +8,7 @@ from minio.error import S3Error
 from PIL import Image
 from skimage import data
 
+from catalogs.problems import RowRef
 from infra.access import QUARANTINE_PREFIX, READER_UID, apply_reader_access
 from infra.objectstore import ObjectStore
 from infra.settings import Settings
@@ -43,8 +44,7 @@ def astronaut_clip(profile: str, frames: int = 9) -> GeneratedClip:
     )
     clip = ClipSpec(
         clip_id=f"astronaut-{profile}",
-        row=0,
-        sku="ASTRO-1",
+        origin=RowRef(source="catalog", row=0, sku="ASTRO-1"),
         model=model,
         request=resolve_request(model, request),
         profile=profile,

@@ -173,7 +173,7 @@ def test_every_problem_of_a_row_is_reported_and_pairs_are_exclusive():
     )
     read = read_prompt_sheet(csv.encode(), "s.csv", rules=FULL)
     assert read.variants == []
-    assert [(p.row, p.field) for p in read.problems] == [
+    assert [(p.at.row, p.field) for p in read.problems] == [
         (2, "template"),  # both prompt and template
         (2, "size"),  # both aspect ratio and size
         (2, "samples"),  # both seeds and samples
@@ -277,7 +277,7 @@ def test_seeds_and_clips_are_deterministic(xlsx_read):
     again = read_prompt_sheet(_xlsx_bytes(), "spring.xlsx", rules=FULL)
     clips = expand_variants(xlsx_read.variants)
     assert clips == expand_variants(again.variants)
-    assert [(c.variant_id, c.sample, c.seed) for c in clips] == [
+    assert [(c.variant.variant_id, c.sample, c.seed) for c in clips] == [
         ("A", 0, sample_seed("spring", 0)),
         ("A", 1, sample_seed("spring", 1)),
         ("A", 2, sample_seed("spring", 2)),
