@@ -50,5 +50,11 @@ class RowProblem:
         return f"{where}{kind} {self.field!r}: {self.message}"
 
 
+class InputError(ValueError):
+    """A whole input cannot be used (a catalog that is no Parquet file or lacks a required column, a file
+    that is no prompt sheet, a broken profiles file): the same input fails the same way again, so it is
+    said once, in one line, and never retried."""
+
+
 class InvalidValue(ValueError):
     """A cell's value cannot be used; the message is for the person who wrote it."""

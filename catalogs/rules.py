@@ -14,6 +14,7 @@ import unicodedata
 from dataclasses import dataclass
 from typing import Annotated, Any
 
+import langcodes
 from pydantic import AfterValidator, BeforeValidator
 
 from catalogs.problems import InvalidValue
@@ -69,6 +70,15 @@ def seed_in_range(seed: int) -> int:
     return seed
 
 
+def locale_tag(text: str) -> str:
+    """A BCP 47 language tag, normalised (``EN-us`` and ``en_US`` are ``en-US``); :class:`InvalidValue` for
+    one that is malformed or names no registered language (``zz``)."""
+    tag = text.strip().replace("_", "-")
+    if not tag.isascii() or not tag.isprintable() or not langcodes.tag_is_valid(tag):
+        raise InvalidValue(f"{text!r} is not a BCP 47 language tag, e.g. en, de-AT or pt-BR")
+    return langcodes.standardize_tag(tag)
+
+
 def _size_or_as_is(value: Any) -> Any:
     return parse_size(value) if isinstance(value, str) else value
 
@@ -78,6 +88,7 @@ Sku = Annotated[str, AfterValidator(lambda text: storable_name(text, MAX_SKU_LEN
 Size = Annotated[tuple[int, int], BeforeValidator(_size_or_as_is)]
 Seed = Annotated[int, BeforeValidator(whole_number), AfterValidator(seed_in_range)]
 WholeNumber = Annotated[int, BeforeValidator(whole_number)]
+Locale = Annotated[str, AfterValidator(locale_tag)]
 
 
 def derive_seed(namespace: str, *parts: object) -> int:

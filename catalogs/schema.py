@@ -15,9 +15,9 @@ from typing import Any
 import pyarrow as pa
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from catalogs.problems import RowProblem, RowRef
+from catalogs.problems import InputError, RowProblem, RowRef
 from catalogs.prompts import STYLES
-from catalogs.rules import Seed, Size, Sku, WholeNumber
+from catalogs.rules import Locale, Seed, Size, Sku, WholeNumber
 
 CATALOG_SCHEMA = pa.schema(
     [
@@ -72,7 +72,7 @@ class CatalogRow(BaseModel):
     num_frames: WholeNumber | None = Field(default=None, ge=1)  # the model's rules (4k+1, ...) at planning
     steps: WholeNumber | None = Field(default=None, ge=1, le=1000)
     postprocess_profile: str | None = None
-    locale: str | None = None
+    locale: Locale | None = None
 
     @field_validator("style")
     @classmethod
@@ -102,8 +102,8 @@ class ValidatedCatalog:
     problems: list[RowProblem]
 
 
-class CatalogSchemaError(ValueError):
-    """The catalog as a whole cannot be read: a required column is missing."""
+class CatalogSchemaError(InputError):
+    """The catalog as a whole cannot be read: it is no Parquet file, or a required column is missing."""
 
 
 def catalog_records(table: pa.Table) -> list[dict[str, Any]]:

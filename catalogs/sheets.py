@@ -70,7 +70,7 @@ import pyarrow as pa
 from openpyxl.utils import get_column_letter
 from openpyxl.utils.exceptions import InvalidFileException
 
-from catalogs.problems import InvalidValue, RowProblem, RowRef
+from catalogs.problems import InputError, InvalidValue, RowProblem, RowRef
 from catalogs.prompts import STYLES, product_prompt
 from catalogs.rules import (
     MAX_SHEET_ID_LENGTH,
@@ -167,7 +167,7 @@ PROMPT_SHEET_SCHEMA = pa.schema(
 )
 
 
-class SheetFormatError(ValueError):
+class SheetFormatError(InputError):
     """The file cannot be read as a prompt sheet at all; the message says what to change."""
 
 

@@ -15,7 +15,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from minio.error import S3Error
 
-from catalogs.schema import ValidatedCatalog, validate_catalog
+from catalogs.schema import CatalogSchemaError, ValidatedCatalog, validate_catalog
 
 if TYPE_CHECKING:
     from minio import Minio
@@ -50,10 +50,12 @@ def read_bytes(uri: str, client: Minio | None = None) -> bytes:
 
 
 def read_parquet(uri: str, client: Minio | None = None) -> pa.Table:
-    """A Parquet table from a local path or ``s3://bucket/key``."""
-    if uri.startswith("s3://"):
-        return pq.read_table(io.BytesIO(read_bytes(uri, client)))
-    return pq.read_table(Path(uri).expanduser())
+    """A Parquet table from a local path or ``s3://bucket/key``; :class:`CatalogSchemaError` if it is none."""
+    source = io.BytesIO(read_bytes(uri, client)) if uri.startswith("s3://") else Path(uri).expanduser()
+    try:
+        return pq.read_table(source)
+    except pa.ArrowException as err:
+        raise CatalogSchemaError(f"{uri} is not a Parquet file ({err})") from None
 
 
 def resolve_reference(reference: str, catalog_uri: str) -> str:

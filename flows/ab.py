@@ -14,6 +14,7 @@ from prefect.runtime import flow_run
 from flows.common import RunResult, label_flow_run, new_run_id, render_plan
 from flows.runs import ab_run_name, ab_tags
 from infra.settings import Settings
+from tasks.planning import hold_back
 from tasks.units import (
     experiment_outputs_task,
     load_sheet_task,
@@ -25,11 +26,13 @@ from tasks.units import (
 
 
 @flow(name="ab-batch", log_prints=True)
-def ab_batch(sheet_uri: str, force: bool = False) -> RunResult:
+def ab_batch(
+    sheet_uri: str, force: bool = False, dry_run: bool = False, limit: int | None = None
+) -> RunResult:
     """Make, post-process and publish every sample of every valid variant in the prompt sheet.
 
     ``sheet_uri`` is an .xlsx or .csv file: a local path or ``s3://bucket/key``. ``force``
-    regenerates samples that are already published.
+    regenerates samples that are already published; ``dry_run`` and ``limit`` as for the nightly run.
     """
     settings = Settings()
     run_id = new_run_id()
@@ -41,7 +44,8 @@ def ab_batch(sheet_uri: str, force: bool = False) -> RunResult:
     label_flow_run(ab_run_name(experiments), ["ab", *ab_tags(experiments)])
     logger.info("run %s sheet=%s experiments=%s", run_id, sheet_uri, ",".join(experiments))
 
-    plan = plan_sheet_task(sheet, run_id, settings, postproduction, force)
+    plan = plan_sheet_task(sheet, sheet_uri, run_id, settings, postproduction, force)
+    plan = hold_back(plan, run_id, dry_run=dry_run, limit=limit)
     rendering = render_plan(plan, settings, run_id, postproduction.finishing, logger)
     entries = rendering.entries
 

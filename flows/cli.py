@@ -21,13 +21,17 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
+import urllib3
+from minio.error import S3Error
 
+from catalogs.problems import InputError
 from catalogs.sample import SAMPLE_DIR
 from catalogs.sources import load_catalog, read_bytes
 from flows.runs import AB_DEPLOYMENT, DEPLOYMENTS, ab_run_name, ab_tags
 from infra import stack
-from infra.objectstore import ObjectStore
+from infra.objectstore import ObjectStore, unreachable
 from infra.settings import Settings
+from tasks.records import ClipStatus
 from wan_engine import MODEL_FAMILIES, get_model_spec, model_location, split_s3_uri
 
 # Commands import what only they need (Prefect, Ray and the engine, ffmpeg, the content filter's
@@ -51,10 +55,15 @@ app.add_typer(catalog_app, name="catalog")
 app.add_typer(ab_app, name="ab")
 
 SAMPLE_CATALOG_PREFIX = "catalogs/sample"
+DRY_RUN_HELP = "plan and write the manifest with each clip's estimated GPU time; generate nothing"
+LIMIT_HELP = "make at most this many clips; the rest stay planned for a later run"
 
 
 def _use_local_prefect(settings: Settings) -> None:
-    """Send runs to the local stack's Prefect server unless PREFECT_API_URL points elsewhere."""
+    """Send runs to the local stack's Prefect server unless PREFECT_API_URL points elsewhere.
+
+    Before Prefect is imported: its client reads the URL then, and without one starts a server of its own.
+    """
     os.environ.setdefault("PREFECT_API_URL", f"http://127.0.0.1:{settings.prefect_port}/api")
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 
@@ -86,10 +95,10 @@ def stack_status() -> None:
 @app.command()
 def serve() -> None:
     """Serve the nightly (on its cron), A/B and intake-watcher deployments in this process, until stopped."""
-    from flows.serve import serve_all
-
     settings = Settings()
     _use_local_prefect(settings)
+    from flows.serve import serve_all
+
     serve_all(settings)
 
 
@@ -132,7 +141,7 @@ def catalog_validate(uri: str) -> None:
     """Check a catalog (path or s3://) as a run would, before any GPU is used, and list every problem by
     row and field: each cell, the model, size, frames, steps, profile, the image (there and decodable)
     and the prompt policy. Exits 1 when any row would not make a clip."""
-    from tasks.inputs import check_images, planning_rules
+    from tasks.inputs import check_images, local_image_roots, planning_rules
     from tasks.planning import plan_clips
     from tasks.postproduction import prepare_postproduction
 
@@ -140,7 +149,7 @@ def catalog_validate(uri: str) -> None:
     store = ObjectStore(settings.object_store())
     catalog = load_catalog(uri, store.client)
     rules = planning_rules(settings, prepare_postproduction(settings), store)
-    images = check_images((row.image_uri for row in catalog.rows), store)
+    images = check_images((row.image_uri for row in catalog.rows), store, local_image_roots(settings, uri))
     plan = plan_clips(catalog, rules, "validate", images, published_keys=())
     for problem in plan.problems:
         typer.echo(str(problem))
@@ -183,13 +192,17 @@ def run_nightly(
     force_sku: Annotated[
         list[str] | None, typer.Option(help="regenerate this product's clips (repeatable)")
     ] = None,
+    dry_run: Annotated[bool, typer.Option(help=DRY_RUN_HELP)] = False,
+    limit: Annotated[int | None, typer.Option(min=1, help=LIMIT_HELP)] = None,
 ) -> None:
     """Run the nightly catalog flow now; the run shows in the Prefect UI."""
     settings = Settings()
     _use_local_prefect(settings)
     from flows.nightly import nightly_catalog
 
-    result = nightly_catalog(catalog_uri=catalog, force=force, force_skus=force_sku or [])
+    result = nightly_catalog(
+        catalog_uri=catalog, force=force, force_skus=force_sku or [], dry_run=dry_run, limit=limit
+    )
     _print_result(result, settings)
 
 
@@ -197,13 +210,16 @@ def run_nightly(
 def run_ab(
     sheet: Annotated[str, typer.Argument(help="prompt sheet (.xlsx or .csv): a path or s3:// URI")],
     force: Annotated[bool, typer.Option(help="regenerate samples that are already published")] = False,
+    dry_run: Annotated[bool, typer.Option(help=DRY_RUN_HELP)] = False,
+    limit: Annotated[int | None, typer.Option(min=1, help=LIMIT_HELP)] = None,
 ) -> None:
     """Run the A/B flow on a prompt sheet now, in this process."""
     settings = Settings()
     _use_local_prefect(settings)
     from flows.ab import ab_batch
 
-    _print_result(ab_batch(sheet_uri=_sheet_in_store(sheet, settings), force=force), settings)
+    uri = _sheet_in_store(sheet, settings)
+    _print_result(ab_batch(sheet_uri=uri, force=force, dry_run=dry_run, limit=limit), settings)
 
 
 def _sheet_in_store(sheet: str, settings: Settings) -> str:
@@ -225,13 +241,13 @@ def ab_submit(
     force: Annotated[bool, typer.Option(help="regenerate samples that are already published")] = False,
 ) -> None:
     """Start a run of the A/B deployment (served by `wanfactory serve`) and print its Prefect UI link."""
+    settings = Settings()
+    _use_local_prefect(settings)
     from prefect.deployments import run_deployment
 
     from catalogs.sheets import load_prompt_sheet
     from tasks.planning import sheet_rules
 
-    settings = Settings()
-    _use_local_prefect(settings)
     uri = _sheet_in_store(sheet, settings)
     # Check the sheet here, as the run will, so a marketer sees row and column errors at once.
     checked = load_prompt_sheet(uri, sheet_rules(settings), ObjectStore(settings.object_store()).client)
@@ -251,12 +267,23 @@ def ab_submit(
     typer.echo(f"flow run {run.name}: {_ui_url()}/runs/flow-run/{run.id}")
 
 
+def _gpu_hours(entries) -> str:
+    """The estimated GPU time of what a run made and what it left planned, on one H100."""
+    made = [e.estimated_gpu_seconds or 0.0 for e in entries if e.status == ClipStatus.PUBLISHED]
+    planned = [e.estimated_gpu_seconds or 0.0 for e in entries if e.status == ClipStatus.PLANNED]
+    return (
+        f"~{sum(made) / 3600:.2f} h for {len(made)} published clips, ~{sum(planned) / 3600:.2f} h for "
+        f"{len(planned)} planned (estimated for one H100 at full model size: wan_engine/cost.py)"
+    )
+
+
 def _print_result(result, settings: Settings) -> None:
     bucket = settings.s3_bucket
     typer.echo("")
     typer.echo(
         f"run {result.run_id}: " + ", ".join(f"{n} {status}" for status, n in result.manifest.counts.items())
     )
+    typer.echo(f"  GPU time:   {_gpu_hours(result.entries)}")
     typer.echo(f"  Prefect UI: {_ui_url()}/runs/flow-run/{result.flow_run_id}")
     typer.echo(f"  manifest:   s3://{bucket}/{result.manifest.parquet_key}")
     typer.echo(f"              s3://{bucket}/{result.manifest.json_key}")
@@ -324,3 +351,18 @@ def config() -> None:
     settings = Settings()
     for name, field in Settings.model_fields.items():
         typer.echo(f"WANFACTORY_{name.upper():<30} {getattr(settings, name)!s:<45} {field.description or ''}")
+
+
+def main() -> None:
+    """The ``wanfactory`` command: what a user's input or setup gets wrong is one line, not a traceback."""
+    try:
+        app()
+    except (InputError, FileNotFoundError) as err:
+        typer.echo(f"error: {err}", err=True)
+        raise SystemExit(2) from None
+    except (S3Error, urllib3.exceptions.HTTPError) as err:
+        line = unreachable(err, Settings().s3_endpoint)
+        if line is None:
+            raise
+        typer.echo(f"error: {line}", err=True)
+        raise SystemExit(2) from None

@@ -40,7 +40,9 @@ from catalogs.sources import resolve_reference
 from flows.runs import AB_DEPLOYMENT, ab_run_name, ab_tags
 from infra.objectstore import ObjectStore
 from infra.settings import Settings
+from tasks.markdown import md_text
 from tasks.planning import sheet_rules
+from tasks.retries import transient
 
 INTAKE_PREFIX = "intake/"
 ACCEPTED_PREFIX = "intake/accepted/"
@@ -177,7 +179,7 @@ def error_text(item: IntakeObject, check: SheetCheck, source_uri: str) -> str:
 
 
 # Listing must see the bucket as it is now: never cached; retried on storage hiccups.
-@task(retries=2, retry_delay_seconds=5, cache_policy=NO_CACHE)
+@task(retries=2, retry_delay_seconds=5, retry_condition_fn=transient, cache_policy=NO_CACHE)
 def list_intake_task(settings: Settings) -> list[IntakeObject]:
     store = ObjectStore(settings.object_store())
     found = [
@@ -190,7 +192,7 @@ def list_intake_task(settings: Settings) -> list[IntakeObject]:
 
 
 # A sheet may be replaced under the same name between polls: read fresh, never cached.
-@task(retries=2, retry_delay_seconds=5, cache_policy=NO_CACHE)
+@task(retries=2, retry_delay_seconds=5, retry_condition_fn=transient, cache_policy=NO_CACHE)
 def check_sheet_task(item: IntakeObject, settings: Settings) -> SheetCheck | None:
     """The object read as a prompt sheet; None if it is gone (another poll took it)."""
     if item.size > MAX_SHEET_BYTES:
@@ -208,7 +210,7 @@ def check_sheet_task(item: IntakeObject, settings: Settings) -> SheetCheck | Non
     return check_sheet(item.name, data, store.uri(item.key), settings)
 
 
-@task(retries=2, retry_delay_seconds=5, cache_policy=NO_CACHE)
+@task(retries=2, retry_delay_seconds=5, retry_condition_fn=transient, cache_policy=NO_CACHE)
 def copy_object_task(item: IntakeObject, destination: str, settings: Settings) -> None:
     store = ObjectStore(settings.object_store())
     # match_etag: the copy is the very object that was checked, not one uploaded over it since.
@@ -217,19 +219,19 @@ def copy_object_task(item: IntakeObject, destination: str, settings: Settings) -
     )
 
 
-@task(retries=2, retry_delay_seconds=5, cache_policy=NO_CACHE)
+@task(retries=2, retry_delay_seconds=5, retry_condition_fn=transient, cache_policy=NO_CACHE)
 def put_error_task(key: str, text: str, settings: Settings) -> None:
     ObjectStore(settings.object_store()).put_bytes(key, text.encode(), "text/plain; charset=utf-8")
 
 
-@task(retries=2, retry_delay_seconds=5, cache_policy=NO_CACHE)
+@task(retries=2, retry_delay_seconds=5, retry_condition_fn=transient, cache_policy=NO_CACHE)
 def delete_object_task(key: str, settings: Settings) -> None:
     store = ObjectStore(settings.object_store())
     store.client.remove_object(store.bucket, key)
 
 
 # Retrying is safe: the idempotency key makes Prefect return the run a failed attempt already created.
-@task(retries=2, retry_delay_seconds=5, cache_policy=NO_CACHE)
+@task(retries=2, retry_delay_seconds=5, retry_condition_fn=transient, cache_policy=NO_CACHE)
 def start_ab_run_task(
     deployment: str, sheet_uri: str, experiments: tuple[str, ...], idempotency_key: str
 ) -> tuple[str, str]:
@@ -264,20 +266,25 @@ def report_intake_task(outcomes: list[IntakeOutcome]) -> None:
     for o in outcomes:
         check = o.check or SheetCheck(False)
         cells = [
-            f"`{o.source_key}`",
+            o.source_key,
             o.outcome,
             ", ".join(check.experiments),
             str(check.variants or ""),
-            f"`{o.key}`" if o.key else "",
+            o.key or "",
             o.flow_run_name or "",
         ]
-        # A '|' in a file name would split its table cell.
-        lines.append("| " + " | ".join(cell.replace("|", "/") for cell in cells) + " |")
+        # File names come from whoever uploaded them: literal text, never markup.
+        lines.append("| " + " | ".join(md_text(cell) for cell in cells) + " |")
     for o in outcomes:
         check = o.check or SheetCheck(False)
         notes = [*check.reasons, *check.row_problems, *check.warnings, *([o.error] if o.error else [])]
         if notes:
-            lines += ["", f"## `{o.source_key}` ({o.outcome})", "", *(f"- {note}" for note in notes)]
+            lines += [
+                "",
+                f"## {md_text(o.source_key)} ({o.outcome})",
+                "",
+                *(f"- {md_text(n)}" for n in notes),
+            ]
     create_markdown_artifact(
         key="intake-report", markdown="\n".join(lines), description="What the intake watcher did"
     )

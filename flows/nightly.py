@@ -14,6 +14,7 @@ from prefect.runtime import flow_run
 from flows.common import RunResult, label_flow_run, new_run_id, render_plan
 from flows.runs import catalog_name, nightly_run_name
 from infra.settings import Settings
+from tasks.planning import hold_back
 from tasks.units import (
     load_catalog_task,
     plan_task,
@@ -25,12 +26,18 @@ from tasks.units import (
 
 @flow(name="nightly-catalog", flow_run_name=nightly_run_name, log_prints=True)
 def nightly_catalog(
-    catalog_uri: str | None = None, force: bool = False, force_skus: list[str] | None = None
+    catalog_uri: str | None = None,
+    force: bool = False,
+    force_skus: list[str] | None = None,
+    dry_run: bool = False,
+    limit: int | None = None,
 ) -> RunResult:
     """Make, post-process and publish a clip for every catalog row not already published.
 
     ``catalog_uri`` defaults to the configured catalog; ``force`` regenerates every clip,
     ``force_skus`` only those of these products, even when they are already published.
+    ``dry_run`` plans and writes the manifest (with each clip's estimated GPU time) but makes nothing;
+    ``limit`` makes at most that many clips, the others ``planned`` for a later run.
     """
     settings = Settings()
     catalog_uri = catalog_uri or settings.catalog_uri
@@ -41,7 +48,8 @@ def nightly_catalog(
 
     postproduction = prepare_postproduction_task(settings)
     catalog = load_catalog_task(catalog_uri, settings)
-    plan = plan_task(catalog, run_id, settings, postproduction, force, force_skus or [])
+    plan = plan_task(catalog, catalog_uri, run_id, settings, postproduction, force, force_skus or [])
+    plan = hold_back(plan, run_id, dry_run=dry_run, limit=limit)
     rendering = render_plan(plan, settings, run_id, postproduction.finishing, logger)
     entries = rendering.entries
     manifest = write_manifest_task(run_id, catalog_uri, entries, settings)

@@ -52,6 +52,31 @@ POLICY_VERSION = "2012-10-17"
 # apply_reader_access owns the statements whose Sid starts with this and leaves any others alone.
 SID_PREFIX = "WanfactoryReader"
 _LIST_ACTIONS = ["s3:ListBucket", "s3:ListBucketVersions", "s3:ListBucketMultipartUploads"]
+# Every way to change the bucket or its objects: the reader is read-only whatever else grants it.
+_WRITE_ACTIONS = [
+    "s3:PutObject",
+    "s3:PutObjectAcl",
+    "s3:PutObjectTagging",
+    "s3:PutObjectRetention",
+    "s3:PutObjectLegalHold",
+    "s3:DeleteObject",
+    "s3:DeleteObjectVersion",
+    "s3:DeleteObjectTagging",
+    "s3:AbortMultipartUpload",
+    "s3:RestoreObject",
+    "s3:DeleteBucket",
+    "s3:PutBucketPolicy",
+    "s3:DeleteBucketPolicy",
+    "s3:PutBucketAcl",
+    "s3:PutBucketVersioning",
+    "s3:PutBucketTagging",
+    "s3:PutBucketCORS",
+    "s3:PutBucketNotification",
+    "s3:PutLifecycleConfiguration",
+    "s3:PutReplicationConfiguration",
+    "s3:PutEncryptionConfiguration",
+    "s3:PutBucketObjectLockConfiguration",
+]
 
 Statement = dict[str, Any]
 
@@ -89,6 +114,12 @@ def _reader_statements(bucket: str) -> list[Statement]:
             "Resource": [f"{bucket_arn}/{pattern}" for pattern in published],
         },
         {
+            "Sid": f"{SID_PREFIX}DenyWrites",
+            "Effect": "Deny",
+            "Action": _WRITE_ACTIONS,
+            "Resource": [bucket_arn, f"{bucket_arn}/*"],
+        },
+        {
             "Sid": f"{SID_PREFIX}DenyQuarantineObjects",
             "Effect": "Deny",
             "Action": ["s3:*"],
@@ -119,8 +150,18 @@ def _reader_statements(bucket: str) -> list[Statement]:
 
 
 def reader_iam_policy(bucket: str) -> dict[str, Any]:
-    """The reader's access as an identity (IAM) policy: what MinIO attaches to a user."""
-    return {"Version": POLICY_VERSION, "Statement": _reader_statements(bucket)}
+    """The reader's access as an identity (IAM) policy: what MinIO attaches to a user.
+
+    An identity policy can also refuse the reader buckets of its own (Ceph does that with the user's
+    max-buckets instead: a bucket policy cannot).
+    """
+    no_buckets = {
+        "Sid": f"{SID_PREFIX}DenyCreateBucket",
+        "Effect": "Deny",
+        "Action": ["s3:CreateBucket"],
+        "Resource": ["arn:aws:s3:::*"],
+    }
+    return {"Version": POLICY_VERSION, "Statement": [*_reader_statements(bucket), no_buckets]}
 
 
 def reader_bucket_policy(bucket: str, reader_user_arn: str) -> dict[str, Any]:

@@ -52,6 +52,10 @@ S3_UID = "wanfactory"
 _MAX_RUN_DIR_LEN = 80
 
 
+# What RGW gives a user unless told otherwise; -1 refuses the user any bucket of its own.
+RGW_DEFAULT_MAX_BUCKETS = 1000
+
+
 class ObjectStoreError(ServiceError):
     """The object store could not be set up, started or stopped."""
 
@@ -212,8 +216,19 @@ class CephObjectStore:
             fcntl.flock(lock, fcntl.LOCK_EX)
             yield
 
-    def ensure_user(self, uid: str, access_key: str, secret_key: str, display_name: str) -> None:
+    def ensure_user(
+        self,
+        uid: str,
+        access_key: str,
+        secret_key: str,
+        display_name: str,
+        *,
+        may_create_buckets: bool = True,
+    ) -> None:
         """Make ``uid`` an S3 user whose one S3 key is this pair: create it, or fix an existing one.
+
+        ``may_create_buckets=False`` sets RGW's max-buckets to -1, which refuses the user any bucket of
+        its own (a bucket policy can deny writes into existing buckets, not the creation of new ones).
 
         Idempotent, and cheap when nothing changed (two radosgw-admin calls, ~0.1 s each). Other access
         keys of the user are removed, so a rotated credential stops working at once. The cluster must run.
@@ -221,6 +236,7 @@ class CephObjectStore:
         # radosgw-admin takes keys only as arguments: they are briefly visible in /proc to local users.
         secret = f"--secret-key={secret_key}"
         keys = (f"--access-key={access_key}", secret)
+        max_buckets = RGW_DEFAULT_MAX_BUCKETS if may_create_buckets else -1
         with self._locked():  # two `stack up` at once would both try to create the user
             if uid not in json.loads(self._radosgw_admin("user", "list")):
                 self._run(
@@ -231,6 +247,7 @@ class CephObjectStore:
                     "create",
                     f"--uid={uid}",
                     f"--display-name={display_name}",
+                    f"--max-buckets={max_buckets}",
                     *keys,
                     secret_args=(secret,),
                 )
@@ -238,8 +255,14 @@ class CephObjectStore:
                 return
             # The info holds the secrets: it is only compared here, never logged.
             info = json.loads(self._radosgw_admin("user", "info", f"--uid={uid}"))
-            if info["display_name"] != display_name:
-                self._radosgw_admin("user", "modify", f"--uid={uid}", f"--display-name={display_name}")
+            if info["display_name"] != display_name or info["max_buckets"] != max_buckets:
+                self._radosgw_admin(
+                    "user",
+                    "modify",
+                    f"--uid={uid}",
+                    f"--display-name={display_name}",
+                    f"--max-buckets={max_buckets}",
+                )
             current = {key["access_key"]: key["secret_key"] for key in info["keys"]}
             if current == {access_key: secret_key}:
                 return

@@ -9,16 +9,51 @@ from __future__ import annotations
 
 import io
 import logging
+import os
 from collections.abc import Iterator
 from datetime import timedelta
 from pathlib import Path
 
+import certifi
+import urllib3
 from minio import Minio
 from minio.error import S3Error
 
 from infra.settings import ObjectStoreConfig
 
 log = logging.getLogger(__name__)
+
+
+# What an S3 server answers when the credential is wrong or not allowed: the same request fails the same
+# way again, so it is never retried.
+REFUSED_CREDENTIALS = frozenset(
+    {"InvalidAccessKeyId", "SignatureDoesNotMatch", "AccessDenied", "InvalidToken", "ExpiredToken"}
+)
+
+
+def _http_client(config: ObjectStoreConfig) -> urllib3.PoolManager:
+    """minio's own connection pool, with the configured timeouts and retries instead of its defaults
+    (300 s to connect and to read, 5 retries: an endpoint that never answers hangs for half an hour)."""
+    return urllib3.PoolManager(
+        timeout=urllib3.Timeout(connect=config.connect_timeout_s, read=config.read_timeout_s),
+        maxsize=10,
+        cert_reqs="CERT_REQUIRED",
+        ca_certs=os.environ.get("SSL_CERT_FILE") or certifi.where(),
+        retries=urllib3.Retry(
+            total=config.retries, backoff_factor=0.2, status_forcelist=[500, 502, 503, 504]
+        ),
+    )
+
+
+def unreachable(err: Exception, endpoint: str) -> str | None:
+    """One line for a person when ``err`` says the object store at ``endpoint`` cannot be used (it does not
+    answer, or it refuses the credential); None for any other error."""
+    if isinstance(err, S3Error) and err.code in REFUSED_CREDENTIALS:
+        return f"the object store at {endpoint} refused the credential ({err.code}): {err.message}"
+    if isinstance(err, urllib3.exceptions.HTTPError):
+        reason = getattr(err, "reason", None) or err
+        return f"the object store at {endpoint} did not answer ({type(reason).__name__}: {reason})"
+    return None
 
 
 class ObjectStore:
@@ -33,6 +68,7 @@ class ObjectStore:
             secret_key=config.secret_key.get_secret_value(),
             secure=config.secure,
             region=config.region,
+            http_client=_http_client(config),
         )
 
     def ensure_bucket(self) -> None:

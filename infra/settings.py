@@ -28,6 +28,9 @@ class ObjectStoreConfig:
     bucket: str
     secure: bool = False
     region: str = "us-east-1"
+    connect_timeout_s: float = 5.0
+    read_timeout_s: float = 60.0
+    retries: int = 3  # for connection failures, timeouts and 5xx answers; never for refused credentials
 
 
 class Settings(BaseSettings):
@@ -45,6 +48,13 @@ class Settings(BaseSettings):
     s3_secure: bool = Field(False, description="use HTTPS for the S3 endpoint")
     s3_region: str = Field("us-east-1", description="S3 region name")
     s3_bucket: str = Field("wanfactory", description="bucket for clips, manifests, catalogs and models")
+    s3_connect_timeout_seconds: float = Field(5.0, gt=0, description="S3: seconds to open a connection")
+    s3_read_timeout_seconds: float = Field(
+        60.0, gt=0, description="S3: seconds to wait for an answer (a slow large upload answers within it)"
+    )
+    s3_retries: int = Field(
+        3, ge=0, description="S3: tries again after a connection failure, a timeout or a 5xx answer"
+    )
     s3_reader_access_key: str = Field(
         "wanfactory-reader",
         description="access key of the read-only S3 credential given to people, the website and reports: "
@@ -98,10 +108,19 @@ class Settings(BaseSettings):
     postprocess_threads: int = Field(
         1, ge=1, description="threads per clip in post-production (clips in parallel use the other cores)"
     )
+    local_image_roots: list[Path] = Field(
+        default_factory=list,
+        description="folders (JSON list) a catalog or sheet may name local images in; a local catalog's own "
+        "folder always counts; s3:// images are not limited",
+    )
     content_policy_path: Path | None = Field(
         None, description="prompt policy TOML (block lists per locale); unset: the packaged default"
     )
-    content_locale: str = Field("en", description="prompt language for rows without a locale column")
+    content_locale: str = Field(
+        "en",
+        description="the prompt policy's default language (BCP 47): its rules apply to every row, "
+        "besides the row's own locale's",
+    )
     c2pa_cert_chain: Path | None = Field(
         None, description="PEM: the C2PA signer's certificate, then its CA's; unset: a development chain"
     )
@@ -157,6 +176,9 @@ class Settings(BaseSettings):
             bucket=self.s3_bucket,
             secure=self.s3_secure,
             region=self.s3_region,
+            connect_timeout_s=self.s3_connect_timeout_seconds,
+            read_timeout_s=self.s3_read_timeout_seconds,
+            retries=self.s3_retries,
         )
 
     def reader_store(self) -> ObjectStoreConfig:

@@ -28,7 +28,7 @@ from infra.access import READER_UID, apply_reader_access
 from infra.object_store_server import CephObjectStore, ObjectStoreServerConfig
 from infra.objectstore import ObjectStore
 from infra.processes import Service, ServiceError, http_ok
-from infra.settings import Settings
+from infra.settings import ObjectStoreConfig, Settings
 
 log = logging.getLogger(__name__)
 
@@ -105,10 +105,7 @@ def stack_up(settings: Settings, deployments: Sequence[str]) -> StackStatus:
     writer = ObjectStore(settings.object_store())
     writer.ensure_bucket()
     # The read-only credential for people, the website and reports: no access to quarantine/.
-    reader = settings.reader_store()
-    store.ensure_user(
-        READER_UID, reader.access_key, reader.secret_key.get_secret_value(), "wanfactory reader (read-only)"
-    )
+    ensure_reader(store, settings.reader_store())
     apply_reader_access(writer.client, settings.s3_bucket, READER_UID)
     _wait_for_prefect(settings, watch=prefect_launched)
     # After the server answers: serving starts by registering the deployments with it.
@@ -124,6 +121,15 @@ def stack_up(settings: Settings, deployments: Sequence[str]) -> StackStatus:
         settings.state_dir,
     )
     return status
+
+
+def ensure_reader(server: CephObjectStore, reader: ObjectStoreConfig) -> None:
+    """The reader's user on the local object store: its one key pair, and no bucket of its own (what it may
+    read in the pipeline's bucket is the bucket policy's, :func:`infra.access.apply_reader_access`)."""
+    secret = reader.secret_key.get_secret_value()
+    server.ensure_user(
+        READER_UID, reader.access_key, secret, "wanfactory reader (read-only)", may_create_buckets=False
+    )
 
 
 def stack_down(settings: Settings) -> None:

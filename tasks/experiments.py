@@ -21,6 +21,7 @@ from catalogs.sheets import SheetReadResult
 from infra.objectstore import ObjectStore
 from tasks.contact_sheet import ContactRow, ContactSample, build_contact_sheet, contact_sheet_bytes
 from tasks.manifest import ManifestLocation, write_manifest
+from tasks.markdown import md_text
 from tasks.records import ClipStatus, ManifestEntry
 
 log = logging.getLogger(__name__)
@@ -103,7 +104,7 @@ def experiment_markdown(
         (e for e in entries if e.experiment_id == output.experiment_id), key=lambda e: (e.row, e.sample or 0)
     )
     lines = [
-        f"# {output.experiment_id}",
+        f"# {md_text(output.experiment_id)}",
         "",
         f"![contact sheet]({link(output.contact_sheet_key)})",
         "",
@@ -113,6 +114,7 @@ def experiment_markdown(
         "|---|---|---|---|",
     ]
     for entry in mine:
-        shown = f"![{entry.variant_id}]({link(entry.preview_key)})" if entry.preview_key else entry.reason
-        lines.append(f"| {entry.variant_id} | {entry.sample} | {entry.status} | {shown.replace('|', '/')} |")
+        variant = md_text(entry.variant_id)
+        shown = f"![{variant}]({link(entry.preview_key)})" if entry.preview_key else md_text(entry.reason)
+        lines.append(f"| {variant} | {entry.sample} | {entry.status} | {shown} |")
     return "\n".join(lines)

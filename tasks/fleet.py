@@ -169,6 +169,8 @@ class GeneratorActor:
             seconds=video.seconds,
             expert_calls=video.expert_calls,
             started_at=started_at,
+            prompt_tokens=video.prompt_tokens,
+            prompt_tokens_kept=video.prompt_tokens_kept,
         )
 
     def _image(self, clip: ClipSpec) -> Image.Image:

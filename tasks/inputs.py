@@ -7,11 +7,14 @@ from __future__ import annotations
 
 import hashlib
 import io
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 from PIL import Image
 
+from catalogs.problems import InvalidValue
+from catalogs.rules import locale_tag
 from catalogs.sources import read_bytes
 from infra.objectstore import ObjectStore
 from infra.settings import Settings
@@ -24,8 +27,26 @@ from wan_engine.weights import model_location, model_version
 _IMAGE_THREADS = 8
 
 
-def check_image(uri: str, store: ObjectStore) -> ImageCheck:
-    """The image's digest if it can be read and decoded, else why not (as the generator would fail)."""
+def local_image_roots(settings: Settings, source_uri: str) -> list[Path]:
+    """The folders a source may name local images in: the configured ones and a local source's own."""
+    own = [] if source_uri.startswith("s3://") else [Path(source_uri).expanduser().resolve().parent]
+    return [*(root.expanduser().resolve() for root in settings.local_image_roots), *own]
+
+
+def check_image(uri: str, store: ObjectStore, local_roots: Sequence[Path]) -> ImageCheck:
+    """The image's digest if it can be read and decoded, else why not (as the generator would fail).
+
+    A local path is read only inside ``local_roots`` (links resolved first): a catalog cannot make the
+    pipeline read /etc/passwd or another user's files.
+    """
+    if not uri.startswith("s3://"):
+        path = Path(uri).expanduser().resolve()
+        if not any(path.is_relative_to(root) for root in local_roots):
+            allowed = ", ".join(str(root) for root in local_roots) or "none are configured"
+            return ImageCheck(
+                problem=f"{uri} is outside the folders local images are read from ({allowed}); "
+                "put the image next to the catalog, in WANFACTORY_LOCAL_IMAGE_ROOTS, or in the object store"
+            )
     try:
         data = read_bytes(uri, store.client)
     except FileNotFoundError:
@@ -40,11 +61,21 @@ def check_image(uri: str, store: ObjectStore) -> ImageCheck:
     return ImageCheck(sha256=hashlib.sha256(data).hexdigest())
 
 
-def check_images(uris: Iterable[str | None], store: ObjectStore) -> dict[str, ImageCheck]:
+def check_images(
+    uris: Iterable[str | None], store: ObjectStore, local_roots: Sequence[Path]
+) -> dict[str, ImageCheck]:
     """:func:`check_image` for every distinct URI, a few at a time."""
     unique = sorted({uri for uri in uris if uri})
     with ThreadPoolExecutor(_IMAGE_THREADS) as pool:
-        return dict(zip(unique, pool.map(lambda uri: check_image(uri, store), unique), strict=True))
+        checks = pool.map(lambda uri: check_image(uri, store, local_roots), unique)
+        return dict(zip(unique, checks, strict=True))
+
+
+def _default_locale(settings: Settings) -> str:
+    try:
+        return locale_tag(settings.content_locale)
+    except InvalidValue as err:
+        raise ValueError(f"WANFACTORY_CONTENT_LOCALE: {err}") from None
 
 
 def planning_rules(settings: Settings, postproduction: Postproduction, store: ObjectStore) -> PlanningRules:
@@ -60,6 +91,6 @@ def planning_rules(settings: Settings, postproduction: Postproduction, store: Ob
         profiles=postproduction.profiles,
         default_profile=postproduction.default_profile,
         prompt_policy=postproduction.prompt_policy,
-        default_locale=settings.content_locale,
+        default_locale=_default_locale(settings),
         model_versions=versions,
     )

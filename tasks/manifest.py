@@ -6,21 +6,23 @@ import io
 import json
 from collections import Counter
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from infra.access import QUARANTINE_PREFIX
 from infra.objectstore import ObjectStore
-from tasks.records import ManifestEntry, manifest_schema
+from tasks.records import ClipStatus, ManifestEntry, manifest_schema
 
 
 @dataclass(frozen=True)
 class ManifestLocation:
-    parquet_key: str
+    parquet_key: str  # what readers see: quarantined clips' prompts left out
     json_key: str
     counts: dict[str, int]
+    review_prefix: str | None = None  # the whole manifest, with those prompts, where only writers read
 
 
 def manifest_table(entries: Sequence[ManifestEntry]) -> pa.Table:
@@ -65,11 +67,26 @@ def write_manifest(
 ) -> ManifestLocation:
     """Store the manifest as ``manifest.parquet`` and ``manifest.json`` under ``prefix`` (``runs/<run_id>``).
 
-    ``source_uri`` is the catalog or prompt sheet the run read.
+    ``source_uri`` is the catalog or prompt sheet the run read. Readers (people, the website) may read
+    ``prefix``, so there a quarantined clip's prompt is left out (its ``prompt_sha256`` stays): a refused
+    prompt is the text the content policy exists to keep from them. The whole manifest then also goes
+    under the quarantine prefix, for reviewers.
     """
-    table = manifest_table(entries)
-    counts = status_counts(entries)
     prefix = prefix or f"runs/{run_id}"
+    counts = status_counts(entries)
+    redacted = [replace(e, prompt=None) if e.status == ClipStatus.QUARANTINED else e for e in entries]
+    review_prefix = None
+    if redacted != list(entries):
+        review_prefix = QUARANTINE_PREFIX + prefix
+        _put_manifest(store, run_id, source_uri, entries, review_prefix)
+    _put_manifest(store, run_id, source_uri, redacted, prefix)
+    return ManifestLocation(f"{prefix}/manifest.parquet", f"{prefix}/manifest.json", counts, review_prefix)
+
+
+def _put_manifest(
+    store: ObjectStore, run_id: str, source_uri: str, entries: Sequence[ManifestEntry], prefix: str
+) -> None:
+    table = manifest_table(entries)
     buffer = io.BytesIO()
     pq.write_table(table, buffer)
     metadata = {"run-id": run_id}
@@ -80,7 +97,7 @@ def write_manifest(
         "run_id": run_id,
         "source": source_uri,
         "written_at": datetime.now(UTC).isoformat(),
-        "counts": counts,
+        "counts": status_counts(entries),
         "clips": table.to_pylist(),
     }
     store.put_bytes(
@@ -89,7 +106,6 @@ def write_manifest(
         "application/json",
         metadata,
     )
-    return ManifestLocation(f"{prefix}/manifest.parquet", f"{prefix}/manifest.json", counts)
 
 
 def _iso_time(value: object) -> str:

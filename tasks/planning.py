@@ -74,13 +74,34 @@ class Plan:
     skipped: list[ManifestEntry]  # already published with the same clip id
     rejected: list[ManifestEntry]  # rows that cannot become a clip, with the reason
     refused: list[ManifestEntry]  # clips the prompt policy stopped before any GPU time (quarantined)
+    deferred: list[ManifestEntry] = field(default_factory=list)  # planned, not made now (hold_back)
     # Every problem behind ``rejected`` and ``refused``, by row: what `catalog validate` lists.
     problems: list[RowProblem] = field(default_factory=list)
 
     @property
     def entries(self) -> list[ManifestEntry]:
         """Every entry planning decided by itself (all but the clips to generate)."""
-        return [*self.rejected, *self.refused, *self.skipped]
+        return [*self.rejected, *self.refused, *self.skipped, *self.deferred]
+
+
+def hold_back(plan: Plan, run_id: str, *, dry_run: bool = False, limit: int | None = None) -> Plan:
+    """The plan with only what this run makes: nothing on a dry run, at most ``limit`` clips otherwise.
+
+    The clips held back are ``planned`` entries with their estimated GPU time, so a manifest shows what
+    the run would have cost; a later run makes them (their clip ids are not published).
+    """
+    if limit is not None and limit < 1:
+        raise ValueError(f"limit must be at least 1 clip, got {limit}")
+    keep = [] if dry_run else plan.clips[:limit]
+    if dry_run:
+        reason = "dry run: would be generated"
+    else:
+        reason = f"past this run's limit of {limit} clips: a later run makes it"
+    deferred = [
+        ManifestEntry.of_clip(clip, run_id, ClipStatus.PLANNED, stage="plan", reason=reason)
+        for clip in plan.clips[len(keep) :]
+    ]
+    return replace(plan, clips=keep, deferred=[*plan.deferred, *deferred])
 
 
 def clip_id_for(determinants: Mapping[str, object]) -> str:
@@ -219,7 +240,7 @@ class _Triage:
             self.reject(planned, "plan", sample=inputs.sample)
             return
         clip = planned
-        decision = self.rules.prompt_policy.check(clip.request.prompt, locale or self.rules.default_locale)
+        decision = self.rules.prompt_policy.check(clip.request.prompt, locale, self.rules.default_locale)
         if not decision.allowed:
             refusal = f"prompt refused by the content policy: rule {decision.rule}, locale {decision.locale}"
             problem = inputs.problem("prompt", refusal)

@@ -30,6 +30,7 @@ import pyarrow as pa
 
 from catalogs.problems import RowRef
 from tasks.postprod.report import StageReport
+from wan_engine.cost import estimated_gpu_seconds
 from wan_engine.requests import GenerationRequest
 from wan_engine.specs import ModelSpec
 
@@ -39,6 +40,7 @@ class ClipStatus(StrEnum):
     SKIPPED = "skipped"  # the same clip (same clip id) is already published
     QUARANTINED = "quarantined"  # generated but held back from publishing
     FAILED = "failed"  # invalid row, or an error in generation, encoding or upload
+    PLANNED = "planned"  # would be made, but not in this run: a dry run, or past the run's limit
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -120,6 +122,8 @@ class GeneratedClip:
     seconds: float = 0.0
     expert_calls: dict[str, int] = field(default_factory=dict)
     started_at: datetime | None = None  # when the clip took its actor's GPU (UTC)
+    prompt_tokens: int | None = None  # the prompt's text-encoder tokens, and how many the encoder read
+    prompt_tokens_kept: int | None = None
     error: str | None = None
 
     @property
@@ -188,7 +192,12 @@ class ManifestEntry:
     generate_seconds: float | None = None
     expert_calls: dict[str, int] = field(default_factory=dict)  # transformer forward passes per expert
     worker: str | None = None
+    # The prompt's tokens and those the text encoder read: fewer kept means the prompt was cut there.
+    prompt_tokens: int | None = None
+    prompt_tokens_kept: int | None = None
     engine_mode: str | None = None  # "exact", or the opt-in approximations that made the clip
+    # What the clip holds (or would hold) one H100 for, from the benchmarks (wan_engine.cost).
+    estimated_gpu_seconds: float | None = None
     profile: str | None = None  # the post-production profile
     experiment_id: str | None = None  # A/B runs: experiment, variant and sample of the clip
     variant_id: str | None = None
@@ -235,6 +244,7 @@ class ManifestEntry:
             num_frames=request.num_frames,
             fps=clip.model.fps,
             profile=clip.profile,
+            estimated_gpu_seconds=round(estimated_gpu_seconds(clip.model, request), 2),
             **details,
         )
 
@@ -265,6 +275,8 @@ class ManifestEntry:
             expert_calls=generated.expert_calls,
             worker=generated.worker,
             engine_mode=generated.engine_mode,
+            prompt_tokens=generated.prompt_tokens,
+            prompt_tokens_kept=generated.prompt_tokens_kept,
             **details,
         )
 

@@ -22,20 +22,21 @@ from prefect.artifacts import (
 from prefect.cache_policies import NO_CACHE
 from tqdm import tqdm
 
-from catalogs.schema import CatalogSchemaError, ValidatedCatalog
-from catalogs.sheets import SheetFormatError, SheetReadResult, load_prompt_sheet
+from catalogs.schema import ValidatedCatalog
+from catalogs.sheets import SheetReadResult, load_prompt_sheet
 from catalogs.sources import load_catalog
 from infra.objectstore import ObjectStore
 from infra.settings import Settings
 from tasks.experiments import ExperimentOutputs, experiment_markdown, write_experiment_outputs
 from tasks.fleet import FleetShape, GenerationFleet
-from tasks.inputs import check_images, planning_rules
+from tasks.inputs import check_images, local_image_roots, planning_rules
 from tasks.manifest import ManifestLocation, status_counts, write_manifest
+from tasks.markdown import md_text
 from tasks.planning import Plan, plan_clips, plan_sheet, sheet_rules
-from tasks.postprod.profile import ProfileError
 from tasks.postproduction import Postproduction, prepare_postproduction
 from tasks.publish import FinishingContext
 from tasks.records import ClipSpec, ClipStatus, ManifestEntry
+from tasks.retries import transient
 
 
 class RunProgress:
@@ -62,14 +63,8 @@ class RunProgress:
         )
 
 
-def _transient(task, task_run, state) -> bool:
-    """Retry storage hiccups, not a catalog that is missing or malformed: those fail the same way again."""
-    error = state.result(raise_on_failure=False)
-    return not isinstance(error, FileNotFoundError | CatalogSchemaError | SheetFormatError | ProfileError)
-
-
 # Catalog reads are cheap and must see the latest catalog: never cached, retried on storage hiccups.
-@task(retries=2, retry_delay_seconds=5, retry_condition_fn=_transient, cache_policy=NO_CACHE)
+@task(retries=2, retry_delay_seconds=5, retry_condition_fn=transient, cache_policy=NO_CACHE)
 def load_catalog_task(catalog_uri: str, settings: Settings) -> ValidatedCatalog:
     catalog = load_catalog(catalog_uri, ObjectStore(settings.object_store()).client)
     get_run_logger().info(
@@ -93,7 +88,7 @@ def _log_plan(plan: Plan) -> Plan:
 
 
 # A sheet is read fresh every run (it may have been re-uploaded under the same name).
-@task(retries=2, retry_delay_seconds=5, retry_condition_fn=_transient, cache_policy=NO_CACHE)
+@task(retries=2, retry_delay_seconds=5, retry_condition_fn=transient, cache_policy=NO_CACHE)
 def load_sheet_task(sheet_uri: str, settings: Settings) -> SheetReadResult:
     sheet = load_prompt_sheet(sheet_uri, sheet_rules(settings), ObjectStore(settings.object_store()).client)
     get_run_logger().info(
@@ -102,22 +97,24 @@ def load_sheet_task(sheet_uri: str, settings: Settings) -> SheetReadResult:
     return sheet
 
 
-@task(retries=2, retry_delay_seconds=5, cache_policy=NO_CACHE)
+@task(retries=2, retry_delay_seconds=5, retry_condition_fn=transient, cache_policy=NO_CACHE)
 def plan_sheet_task(
     sheet: SheetReadResult,
+    sheet_uri: str,
     run_id: str,
     settings: Settings,
     postproduction: Postproduction,
     force: bool = False,
 ) -> Plan:
     store = ObjectStore(settings.object_store())
-    images = check_images((v.image_uri for v in sheet.variants), store)
+    roots = local_image_roots(settings, sheet_uri)
+    images = check_images((v.image_uri for v in sheet.variants), store, roots)
     published = set() if force else set(store.list_keys("experiments/"))
     rules = planning_rules(settings, postproduction, store)
     return _log_plan(plan_sheet(sheet, rules, run_id, images, published))
 
 
-@task(retries=3, retry_delay_seconds=5, cache_policy=NO_CACHE)
+@task(retries=3, retry_delay_seconds=5, retry_condition_fn=transient, cache_policy=NO_CACHE)
 def experiment_outputs_task(
     run_id: str, sheet_uri: str, sheet: SheetReadResult, entries: Sequence[ManifestEntry], settings: Settings
 ) -> list[ExperimentOutputs]:
@@ -143,7 +140,7 @@ def _artifact_key(name: str) -> str:
 
 
 # Profiles, logos and certificates may change between runs: read fresh, retried on storage hiccups.
-@task(retries=2, retry_delay_seconds=5, retry_condition_fn=_transient, cache_policy=NO_CACHE)
+@task(retries=2, retry_delay_seconds=5, retry_condition_fn=transient, cache_policy=NO_CACHE)
 def prepare_postproduction_task(settings: Settings) -> Postproduction:
     postproduction = prepare_postproduction(settings)
     get_run_logger().info(
@@ -155,9 +152,10 @@ def prepare_postproduction_task(settings: Settings) -> Postproduction:
 
 
 # Planning lists what is already published, which changes every run: never cached.
-@task(retries=2, retry_delay_seconds=5, cache_policy=NO_CACHE)
+@task(retries=2, retry_delay_seconds=5, retry_condition_fn=transient, cache_policy=NO_CACHE)
 def plan_task(
     catalog: ValidatedCatalog,
+    catalog_uri: str,
     run_id: str,
     settings: Settings,
     postproduction: Postproduction,
@@ -165,7 +163,8 @@ def plan_task(
     force_skus: Sequence[str] = (),
 ) -> Plan:
     store = ObjectStore(settings.object_store())
-    images = check_images((row.image_uri for row in catalog.rows), store)
+    roots = local_image_roots(settings, catalog_uri)
+    images = check_images((row.image_uri for row in catalog.rows), store, roots)
     published = set() if force else set(store.list_keys("clips/"))
     # clips/<sku>/<clip_id>.mp4: forcing a product forgets that its clips are published.
     published = {key for key in published if key.split("/")[1] not in set(force_skus)}
@@ -208,13 +207,17 @@ def render_batch_task(
     return entries
 
 
-@task(retries=3, retry_delay_seconds=5, cache_policy=NO_CACHE)
+@task(retries=3, retry_delay_seconds=5, retry_condition_fn=transient, cache_policy=NO_CACHE)
 def write_manifest_task(
     run_id: str, catalog_uri: str, entries: Sequence[ManifestEntry], settings: Settings
 ) -> ManifestLocation:
     location = write_manifest(ObjectStore(settings.object_store()), run_id, catalog_uri, entries)
     get_run_logger().info("manifest written key=%s counts=%s", location.parquet_key, location.counts)
     return location
+
+
+def _gpu_hours(entries: Sequence[ManifestEntry], status: ClipStatus) -> float:
+    return sum(e.estimated_gpu_seconds or 0.0 for e in entries if e.status == status) / 3600
 
 
 @task(cache_policy=NO_CACHE)
@@ -249,12 +252,17 @@ def report_task(
         " | ".join(f"**{status}**: {count}" for status, count in counts.items()),
         "",
         f"Manifest: `{store.uri(manifest.parquet_key)}` and `{store.uri(manifest.json_key)}`",
+        "",
+        "Estimated GPU time on one H100: "
+        + ", ".join(
+            f"{s} {_gpu_hours(entries, s):.2f} h" for s in (ClipStatus.PUBLISHED, ClipStatus.PLANNED)
+        ),
     ]
     if failures:
         lines += ["", "## Failed and quarantined", "", "| row | sku or variant | status | stage | reason |"]
         lines += ["|---|---|---|---|---|"]
         lines += [
-            f"| {e.row} | {e.label} | {e.status} | {e.stage} | {e.reason.replace('|', '/')} |"
+            f"| {e.row} | {md_text(e.label)} | {e.status} | {e.stage} | {md_text(e.reason)} |"
             for e in failures
         ]
     create_markdown_artifact(key="run-summary", markdown="\n".join(lines), description=f"Summary of {run_id}")

@@ -16,7 +16,7 @@ from catalogs.sample import SAMPLE_CATALOG, SAMPLE_PRODUCTS, synthetic_catalog
 from catalogs.schema import CATALOG_SCHEMA, CatalogSchemaError, validate_catalog
 from catalogs.sources import load_catalog, resolve_reference
 from tasks.fleet import plan_fleets
-from tasks.planning import ImageCheck, PlanningRules, plan_clips
+from tasks.planning import ImageCheck, PlanningRules, hold_back, plan_clips
 from tasks.postprod.content_filter import PromptPolicy
 from tasks.postprod.profile import ProfileError, load_profiles, parse_profiles
 from tasks.records import ClipStatus
@@ -323,3 +323,50 @@ def test_a_bad_cell_fails_its_row_not_the_catalog():
     assert problems == {(1, "NAN-SEED", "seed"), (2, "HUGE-SEED", "seed"), (3, "WORDS", "num_frames")}
     messages = [str(p) for p in catalog.problems]
     assert any(m.startswith("row 2 (sku 'HUGE-SEED'), field 'seed': ") for m in messages), messages
+
+
+def test_a_rows_locale_adds_rules_and_never_removes_the_defaults():
+    violent = "A mug on a table, a beheading in the background"
+    table = catalog_table(
+        [
+            {"sku": "UNKNOWN", "prompt": violent, "locale": "zz"},
+            {"sku": "GARBAGE", "prompt": violent, "locale": "en\x07\n"},
+            {"sku": "FRENCH", "prompt": violent, "locale": "fr"},
+            {"sku": "CASE", "prompt": "A mug", "locale": "EN-us"},
+            {"sku": "UNDERSCORE", "prompt": "Nackte Frau am Strand", "locale": "de_at"},
+        ]
+    )
+    catalog = validate_catalog(table)
+    bad = {p.at.sku: str(p) for p in catalog.problems}
+    assert set(bad) == {"UNKNOWN", "GARBAGE"}
+    assert bad["UNKNOWN"] == (
+        "row 0 (sku 'UNKNOWN'), field 'locale': 'zz' is not a BCP 47 language tag, e.g. en, de-AT or pt-BR"
+    )
+    assert {row.sku: row.locale for row in catalog.rows} == {
+        "FRENCH": "fr",
+        "CASE": "en-US",
+        "UNDERSCORE": "de-AT",
+    }
+    plan = plan_clips(catalog, RULES, "run-1", {}, set())
+    refused = {entry.sku: entry.reason for entry in plan.refused}
+    # The default locale's (en) rules hold for a French row; the row's own (de) add to them.
+    assert "rule en/violence/term:behead*" in refused["FRENCH"]
+    assert "rule de/sexual/term:nackte" in refused["UNDERSCORE"]
+    assert [clip.sku for clip in plan.clips] == ["CASE"]
+
+
+def test_a_dry_run_makes_nothing_and_a_limit_makes_at_most_that_many():
+    catalog = validate_catalog(catalog_table([{"sku": s} for s in ("A", "B", "C")]))
+    plan = plan_clips(catalog, RULES, "run-1", {}, set())
+    dry = hold_back(plan, "run-1", dry_run=True)
+    assert dry.clips == [] and [e.sku for e in dry.deferred] == ["A", "B", "C"]
+    assert all(
+        e.status == ClipStatus.PLANNED and e.reason == "dry run: would be generated" for e in dry.deferred
+    )
+    assert all(e.estimated_gpu_seconds and e.estimated_gpu_seconds > 0 for e in dry.deferred)
+    limited = hold_back(plan, "run-1", limit=2)
+    assert [c.sku for c in limited.clips] == ["A", "B"] and [e.sku for e in limited.deferred] == ["C"]
+    assert "limit of 2 clips" in limited.deferred[0].reason
+    assert hold_back(plan, "run-1", limit=5).clips == plan.clips
+    with pytest.raises(ValueError, match="at least 1"):
+        hold_back(plan, "run-1", limit=0)

@@ -136,3 +136,17 @@ def _wait_for_some_published(
             return published
         time.sleep(0.2)
     raise AssertionError(f"nothing published in time:\n{log.read_text()[-3000:]}")
+
+
+def test_a_dry_run_makes_nothing_and_a_limit_makes_at_most_that_many(store):
+    uri = upload_catalog(store, "catalogs/limits/catalog.parquet", [product(f"LIM-{n}") for n in "ABC"], NOW)
+    dry = nightly_catalog(catalog_uri=uri, dry_run=True)
+    assert statuses(dry) == dict.fromkeys(["LIM-A", "LIM-B", "LIM-C"], "planned")
+    assert dry.manifest.counts == {"planned": 3} and store.exists(dry.manifest.json_key)
+    assert all(e.estimated_gpu_seconds and e.reason == "dry run: would be generated" for e in dry.entries)
+    assert not any(list(store.list_keys(f"clips/LIM-{n}/")) for n in "ABC")  # nothing generated or stored
+
+    limited = nightly_catalog(catalog_uri=uri, limit=2)
+    assert limited.manifest.counts == {"planned": 1, "published": 2}
+    rest = nightly_catalog(catalog_uri=uri)
+    assert rest.manifest.counts == {"published": 1, "skipped": 2}  # the third clip, made by the next run

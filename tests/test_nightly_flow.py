@@ -5,6 +5,8 @@ from __future__ import annotations
 import io
 import json
 import re
+import subprocess
+import sys
 from datetime import UTC, datetime
 
 import numpy as np
@@ -14,7 +16,7 @@ import pytest
 from PIL import Image
 
 from catalogs.sample import SAMPLE_DIR, SAMPLE_PRODUCTS
-from catalogs.schema import CATALOG_SCHEMA
+from catalogs.schema import CATALOG_SCHEMA, CatalogSchemaError
 from flows.nightly import nightly_catalog
 from tasks.postprod.motion import conform_frame_count
 from tasks.postprod.verify import verify_clip
@@ -282,7 +284,8 @@ def test_catalog_validate_and_the_run_agree_row_for_row(store):
     store.put_bytes("catalogs/every-problem/images/broken.png", b"these bytes are no PNG", "image/png")
     good = {"title": "Tote", "description": "An olive tote.", "style": "outdoor"}
     rows = [
-        {**good, "sku": "GOOD"},
+        # Longer than the tiny text encoder reads (64 tokens): made, and the manifest says how much it read.
+        {**good, "sku": "GOOD", "prompt": "An olive canvas tote on a wooden bench, morning light. " * 12},
         {**good, "sku": "GOOD-IMAGE", "image_uri": "images/ok.png"},
         {**good, "sku": None},  # a cell's rule: required
         {**good, "sku": "BAD-STYLE", "style": "vaporwave"},
@@ -297,6 +300,13 @@ def test_catalog_validate_and_the_run_agree_row_for_row(store):
         {**good, "sku": "BROKEN-IMAGE", "image_uri": "images/broken.png"},
         {**good, "sku": "IMAGE-ON-T2V", "model": "t2v-a14b", "image_uri": "images/ok.png"},
         {**good, "sku": "BLOCKED", "prompt": "A tote bag on a table, a beheading in the background"},
+        # A locale adds its language's rules to the default's (en), never takes them away.
+        {**good, "sku": "BLOCKED-FR", "prompt": "A tote bag, a beheading", "locale": "fr"},
+        {**good, "sku": "NO-LOCALE", "locale": "zz"},
+        # Hostile text reaches the run summary as text, not markup.
+        {**good, "sku": "EVIL\n# Heading [link](http://evil.example) | x"},
+        # A local path outside the catalog's folder and the configured roots is never read.
+        {**good, "sku": "PASSWD", "image_uri": "/etc/passwd"},
     ]
     schema = pa.schema(
         [
@@ -320,6 +330,8 @@ def test_catalog_validate_and_the_run_agree_row_for_row(store):
     by_row = {e.row: e for e in result.entries}
     assert sorted(by_row) == list(range(len(rows)))
     assert {row for row, e in by_row.items() if e.status == ClipStatus.PUBLISHED} == {0, 1}
+    assert by_row[0].prompt_tokens > by_row[0].prompt_tokens_kept == 64  # cut, and recorded as cut
+    assert by_row[1].prompt_tokens == by_row[1].prompt_tokens_kept < 64
     found_by_run = {
         (int(row), field)
         for e in result.entries
@@ -332,4 +344,47 @@ def test_catalog_validate_and_the_run_agree_row_for_row(store):
     assert {(5, "seed"), (9, "steps"), (10, "postprocess_profile"), (12, "image_uri"), (14, "prompt")} <= (
         found_by_run
     )
-    assert "2 rows make clips, 13 rows do not" in checked.output
+    assert "2 rows make clips, 17 rows do not" in checked.output
+    assert {(15, "prompt"), (16, "locale"), (17, "sku"), (18, "image_uri")} <= found_by_run
+    assert "/etc/passwd is outside the folders local images are read from" in by_row[18].reason
+    assert "rule en/violence" in by_row[15].reason and by_row[15].status == ClipStatus.QUARANTINED
+    # Readers never get a refused prompt: the manifest they can read leaves it out, reviewers' has it.
+    published = {c["row"]: c for c in json.loads(store.get_bytes(result.manifest.json_key))["clips"]}
+    review_key = f"{result.manifest.review_prefix}/manifest.json"
+    assert review_key.startswith("quarantine/")
+    reviewed = {c["row"]: c for c in json.loads(store.get_bytes(review_key))["clips"]}
+    assert published[14]["prompt"] is None and published[14]["prompt_sha256"] == reviewed[14]["prompt_sha256"]
+    assert "beheading" in reviewed[14]["prompt"] and published[0]["prompt"] == reviewed[0]["prompt"]
+    summary = flow_run_artifacts(result.flow_run_id)["run-summary"].data
+    assert not any(line.startswith("# Heading") for line in summary.splitlines())
+    assert "[link](http" not in summary and "\\[link\\]" in summary
+    table = [line for line in summary.splitlines() if line.startswith("| ") and "---" not in line]
+    # Header + one row per failed or quarantined row, each of five cells: no stray '|' split one.
+    assert len(table) == 1 + 17 and all(len(re.findall(r"(?<!\\)\|", line)) == 6 for line in table)
+
+
+def test_a_file_that_is_not_parquet_fails_once_in_one_line(store, tmp_path):
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+    from prefect.client.schemas.sorting import FlowRunSort
+
+    not_parquet = tmp_path / "catalog.parquet"
+    not_parquet.write_text("sku,title,description\nA,Mug,A mug.\n")  # a CSV under a Parquet name
+    validate = subprocess.run(
+        [sys.executable, "-c", "from flows.cli import main; main()", "catalog", "validate", str(not_parquet)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert validate.returncode == 2, validate.stdout + validate.stderr
+    assert validate.stderr.startswith("error: ") and validate.stderr.count("\n") == 1, validate.stderr
+    assert f"{not_parquet} is not a Parquet file" in validate.stderr
+
+    store.put_bytes("catalogs/csv/catalog.parquet", not_parquet.read_bytes(), "application/octet-stream")
+    with pytest.raises(CatalogSchemaError, match="is not a Parquet file"):
+        nightly_catalog(catalog_uri=store.uri("catalogs/csv/catalog.parquet"))
+    with get_client(sync_client=True) as client:
+        (run,) = client.read_flow_runs(sort=FlowRunSort.START_TIME_DESC, limit=1)
+        tasks = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[run.id])))
+    (load,) = [task for task in tasks if task.name.startswith("load_catalog_task")]
+    assert load.run_count == 1  # failed once: the same file fails the same way again, so no retry

@@ -12,6 +12,7 @@ from catalogs.problems import RowRef
 from infra.access import QUARANTINE_PREFIX, READER_UID, apply_reader_access
 from infra.objectstore import ObjectStore
 from infra.settings import Settings
+from infra.stack import ensure_reader
 from tasks.postprod.profile import ProfileError
 from tasks.postprod.verify import verify_clip
 from tasks.postproduction import prepare_postproduction, trust_anchor
@@ -70,7 +71,7 @@ def postproduction(settings, tmp_path_factory):
 def reader(s3_server, settings, store) -> ObjectStore:
     apply_reader_access(store.client, store.bucket, READER_UID)
     config = settings.reader_store()
-    s3_server.ensure_user(READER_UID, config.access_key, config.secret_key.get_secret_value(), "reader")
+    ensure_reader(s3_server, config)
     return ObjectStore(config)
 
 

@@ -9,6 +9,7 @@ IAM policy file (plus the principal), which is checked too.
 from __future__ import annotations
 
 import fnmatch
+import io
 import itertools
 import json
 import logging
@@ -22,9 +23,12 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 from minio import Minio
+from minio.commonconfig import ENABLED, CopySource, Tags
 from minio.credentials import Credentials
+from minio.deleteobjects import DeleteObject
 from minio.error import S3Error
 from minio.signer import presign_v4
+from minio.versioningconfig import VersioningConfig
 
 from infra.access import (
     MINIO_POLICY_FILE,
@@ -40,6 +44,7 @@ from infra.access import (
 from infra.object_store_server import S3_UID, CephObjectStore, ObjectStoreError
 from infra.objectstore import ObjectStore
 from infra.settings import ObjectStoreConfig, Settings
+from infra.stack import ensure_reader
 
 BUCKET = "wanfactory-quarantine-test"  # its own bucket: other tests count what lies under clips/
 CLIP = "clips/sku-1/clip-1.mp4"
@@ -99,8 +104,7 @@ def writer(store: ObjectStore) -> ObjectStore:
 @pytest.fixture(scope="module")
 def reader(s3_server: CephObjectStore, settings: Settings, writer: ObjectStore) -> ObjectStore:
     config = replace(settings.reader_store(), bucket=BUCKET)
-    secret = config.secret_key.get_secret_value()
-    s3_server.ensure_user(READER_UID, config.access_key, secret, "wanfactory reader (read-only)")
+    ensure_reader(s3_server, config)  # as `wanfactory stack up` does
     return ObjectStore(config)
 
 
@@ -163,6 +167,45 @@ def test_reader_cannot_write_nor_read_outside_published_outputs(reader: ObjectSt
     assert _denied(lambda: reader.put_bytes("clips/sku-1/forged.mp4", b"x", "video/mp4"))
     assert _denied(lambda: reader.get_bytes(MODEL))
     assert _list(reader.config, {"list-type": "2", "prefix": "models/"}) is None
+
+
+def test_reader_can_write_nothing_anywhere(reader: ObjectStore, writer: ObjectStore) -> None:
+    """Every write verb, as the reader: refused, and nothing changed."""
+    client = reader.client
+    big = b"x" * (6 * 1024 * 1024)  # over the part size below: a multipart upload
+    writes: dict[str, Callable[[], object]] = {
+        "create a bucket of its own": lambda: client.make_bucket("reader-own-bucket"),
+        "put a new object": lambda: reader.put_bytes("clips/sku-1/forged.mp4", b"x", "video/mp4"),
+        "overwrite a published clip": lambda: reader.put_bytes(CLIP, b"forged", "video/mp4"),
+        "put outside the published prefixes": lambda: reader.put_bytes("forged.txt", b"x", "text/plain"),
+        "multipart upload": lambda: client.put_object(
+            BUCKET, "clips/sku-1/big.mp4", io.BytesIO(big), -1, part_size=5 * 1024 * 1024
+        ),
+        "copy an object": lambda: client.copy_object(
+            BUCKET, "clips/sku-1/copy.mp4", CopySource(BUCKET, CLIP)
+        ),
+        "delete an object": lambda: client.remove_object(BUCKET, CLIP),
+        "tag an object": lambda: client.set_object_tags(BUCKET, CLIP, _tags()),
+        "set the bucket policy": lambda: client.set_bucket_policy(BUCKET, json.dumps(_reader_only_policy())),
+        "delete the bucket policy": lambda: client.delete_bucket_policy(BUCKET),
+        "turn on versioning": lambda: client.set_bucket_versioning(BUCKET, VersioningConfig(ENABLED)),
+        "delete the bucket": lambda: client.remove_bucket(BUCKET),
+    }
+    allowed = [what for what, write in writes.items() if not _denied(write)]
+    assert allowed == []
+    # Deleting many at once answers per key instead of raising.
+    errors = list(client.remove_objects(BUCKET, [DeleteObject(CLIP), DeleteObject(MANIFEST)]))
+    assert sorted(e.code for e in errors) == ["AccessDenied", "AccessDenied"]
+    assert writer.get_bytes(CLIP) == OBJECTS[CLIP] and writer.get_bytes(MANIFEST) == OBJECTS[MANIFEST]
+    assert not writer.exists("clips/sku-1/forged.mp4") and not writer.client.bucket_exists(
+        "reader-own-bucket"
+    )
+
+
+def _tags() -> Tags:
+    tags = Tags.new_object_tags()
+    tags["forged"] = "yes"
+    return tags
 
 
 def test_reader_can_neither_read_nor_list_quarantine(reader: ObjectStore, policy: str) -> None:

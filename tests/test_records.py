@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import io
+import re
 import subprocess
 import sys
 from dataclasses import dataclass, field
@@ -12,6 +13,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from tasks.manifest import manifest_table
+from tasks.markdown import md_text
 from tasks.records import ClipStatus, ManifestEntry, manifest_schema
 
 
@@ -62,3 +64,13 @@ def test_light_modules_import_no_torch():
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, f"imported: {result.stdout.strip()} {result.stderr[-2000:]}"
+
+
+def test_text_from_rows_renders_as_written_in_a_markdown_table():
+    hostile = "EVIL\n# Heading [link](http://evil.example) | www.evil.example `x` *b* <img src=x>"
+    text = md_text(hostile)
+    assert "\n" not in text and "# Heading" in text  # one line: a '#' mid-line is no heading
+    assert not re.search(r"(?<!\\)[\[\]`*<>|]", text), text  # every markup character escaped
+    assert "http://" not in text and "www.evil" not in text  # no bare link either
+    # Escapes only: the text reads the same once rendered.
+    assert text.replace("\\", "") == " ".join(hostile.split())

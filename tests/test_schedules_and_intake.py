@@ -404,3 +404,33 @@ def test_prefect_yaml_deploys_what_wanfactory_serve_serves(scheduling_api, tmp_p
                 assert got.concurrency_options.collision_strategy == (
                     spec.concurrency_options.collision_strategy
                 ), name
+
+
+def test_ab_submit_reaches_the_configured_prefect_server_with_nothing_exported(
+    scheduling_api, store, tmp_path
+):
+    """`wanfactory ab submit` with no PREFECT_* in its environment talks to the stack's server (the port
+    from settings), not to a temporary server of its own."""
+    with temporary_settings(updates={PREFECT_API_URL: scheduling_api}):
+        deployment_id = ab_deployment().apply()
+    env = {key: value for key, value in os.environ.items() if not key.startswith("PREFECT_")}
+    env["PREFECT_HOME"] = str(tmp_path / "prefect-home")  # no profile of this machine's either
+    env["WANFACTORY_PREFECT_PORT"] = scheduling_api.rsplit(":", 1)[1].removesuffix("/api")
+    sheet = Path(__file__).parent.parent / "catalogs" / "sample" / "ab_sheet.csv"
+    submitted = subprocess.run(
+        [sys.executable, "-c", "from flows.cli import app; app()", "ab", "submit", str(sheet)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
+    assert submitted.returncode == 0, submitted.stdout + submitted.stderr[-3000:]
+    assert f"{scheduling_api.removesuffix('/api')}/runs/flow-run/" in submitted.stdout
+    with (
+        temporary_settings(updates={PREFECT_API_URL: scheduling_api}),
+        get_client(sync_client=True) as client,
+    ):
+        runs = client.read_flow_runs(
+            deployment_filter=DeploymentFilter(id=DeploymentFilterId(any_=[deployment_id]))
+        )
+    assert [run.name for run in runs] == ["ab-sneaker-social+spring-mug-launch"], [run.name for run in runs]

@@ -88,6 +88,10 @@ class GeneratedVideo:
     request: GenerationRequest  # resolved: every default filled in
     expert_calls: dict[str, int]  # transformer forward passes per expert (a batched pair counts as two)
     seconds: float
+    # The prompt's umT5 tokens, and how many of them the text encoder read (its max_sequence_length):
+    # fewer kept than given means the end of the prompt had no effect.
+    prompt_tokens: int
+    prompt_tokens_kept: int
 
 
 @dataclass(frozen=True)
@@ -97,6 +101,7 @@ class PreparedClip:
     request: GenerationRequest  # resolved: every default filled in
     positive: torch.Tensor
     negative: torch.Tensor
+    prompt_tokens: int  # the prompt's tokens before the text encoder's limit
 
 
 def pick_device(device: str = "auto") -> torch.device:
@@ -304,7 +309,11 @@ class WanGenerator:
             positive, negative = self.encode_prompts(resolved)
         if stream is not None:
             stream.synchronize()
-        return PreparedClip(resolved, positive, negative)
+        return PreparedClip(resolved, positive, negative, self.prompt_tokens(resolved.prompt))
+
+    def prompt_tokens(self, prompt: str) -> int:
+        """How many umT5 tokens ``prompt`` is (end of text included), as the pipeline tokenizes it."""
+        return len(self.pipeline.tokenizer(prompt, add_special_tokens=True).input_ids)
 
     @torch.inference_mode()
     def render(self, prepared: PreparedClip) -> GeneratedVideo:
@@ -324,6 +333,8 @@ class WanGenerator:
             request=prepared.request,
             expert_calls=dict(self._expert_calls),
             seconds=time.perf_counter() - started,
+            prompt_tokens=prepared.prompt_tokens,
+            prompt_tokens_kept=min(prepared.prompt_tokens, self.spec.max_sequence_length),
         )
 
     # The stages of one clip; public so that benchmarks can time each of them.

@@ -159,16 +159,22 @@ class PromptPolicy:
                 )
         return cls(rules, source)
 
-    def check(self, text: str, locale: str = "en") -> PromptDecision:
-        """Refuse ``text`` when a rule of the ``*`` lists or of ``locale``'s language matches it."""
-        language = _language(locale)
+    def check(self, text: str, locale: str | None = None, default_locale: str = "en") -> PromptDecision:
+        """Refuse ``text`` when a rule of the ``*`` lists, of ``default_locale``'s language or of ``locale``'s
+        matches it.
+
+        The default language's rules always apply: the text encoder (umT5) reads every language in every
+        prompt, so a row's locale can add rules but never take the default's away. ``locale`` in the
+        decision is the language whose list refused (``*`` for the lists of every language).
+        """
+        languages = dict.fromkeys(("*", _language(locale or default_locale), _language(default_locale)))
         normalised = normalise_text(text)
         variants = {normalised, _SPELLED_OUT.sub(lambda match: match[0].replace(" ", ""), normalised)}
-        for scope in dict.fromkeys(("*", language)):
+        for scope in languages:
             for rule in self.rules.get(scope, ()):
                 if any(rule.regex.search(variant) for variant in variants):
-                    return PromptDecision(allowed=False, rule=rule.name, locale=language)
-        return PromptDecision(allowed=True, rule=None, locale=language)
+                    return PromptDecision(allowed=False, rule=rule.name, locale=scope)
+        return PromptDecision(allowed=True, rule=None, locale=_language(locale or default_locale))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -17,6 +17,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
+from catalogs.problems import InputError
 from tasks.postprod.content_filter import FrameFilterParams
 from tasks.postprod.invisible import InvisibleWatermarkParams, watermark_size_problem
 from tasks.postprod.motion import ConformParams, StabilizeParams
@@ -27,7 +28,7 @@ from tasks.postprod.preview import PreviewParams
 DEFAULT_PROFILES_PATH = Path(__file__).with_name("profiles") / "default.toml"
 
 
-class ProfileError(ValueError):
+class ProfileError(InputError):
     """A profiles file or a profile name that cannot be used."""
 
 
