@@ -356,7 +356,9 @@ def config() -> None:
 def main() -> None:
     """The ``wanfactory`` command: what a user's input or setup gets wrong is one line, not a traceback."""
     try:
-        app()
+        # The click command itself: typer's wrapper would set an attribute on the error, which minio's
+        # frozen S3Error refuses (an AttributeError instead of the error).
+        typer.main.get_command(app)(prog_name="wanfactory")
     except (InputError, FileNotFoundError) as err:
         typer.echo(f"error: {err}", err=True)
         raise SystemExit(2) from None

@@ -74,7 +74,6 @@ _WRITE_ACTIONS = [
     "s3:PutBucketNotification",
     "s3:PutLifecycleConfiguration",
     "s3:PutReplicationConfiguration",
-    "s3:PutEncryptionConfiguration",
     "s3:PutBucketObjectLockConfiguration",
 ]
 

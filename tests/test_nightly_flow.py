@@ -331,7 +331,7 @@ def test_catalog_validate_and_the_run_agree_row_for_row(store):
     assert sorted(by_row) == list(range(len(rows)))
     assert {row for row, e in by_row.items() if e.status == ClipStatus.PUBLISHED} == {0, 1}
     assert by_row[0].prompt_tokens > by_row[0].prompt_tokens_kept == 64  # cut, and recorded as cut
-    assert by_row[1].prompt_tokens == by_row[1].prompt_tokens_kept < 64
+    assert by_row[1].prompt_tokens_kept == min(by_row[1].prompt_tokens, 64)
     found_by_run = {
         (int(row), field)
         for e in result.entries
