@@ -152,7 +152,7 @@ def run_count(args: argparse.Namespace, gpus: int, workdir: Path) -> dict:
     print(f"[{gpus} GPU] ray resources {ray.cluster_resources()}", flush=True)
     started = time.time()
     with UtilizationSampler(list(range(gpus))) as sampler:
-        result = nightly_catalog(catalog_uri=str(catalog))
+        result = nightly_catalog(catalog_uri=str(catalog), return_state=True).result(raise_on_failure=False)
     flow_seconds = time.time() - started
     ray.shutdown()
 

@@ -10,13 +10,15 @@ from __future__ import annotations
 
 from prefect import flow, get_run_logger
 from prefect.runtime import flow_run
+from prefect.states import State
 
-from flows.common import RunResult, label_flow_run, new_run_id, render_plan
+from flows.common import RunResult, final_state, label_flow_run, new_run_id, render_plan
 from flows.runs import ab_run_name, ab_tags
 from infra.settings import Settings
 from tasks.planning import hold_back
 from tasks.units import (
     experiment_outputs_task,
+    flush_spool_task,
     load_sheet_task,
     plan_sheet_task,
     prepare_postproduction_task,
@@ -28,7 +30,7 @@ from tasks.units import (
 @flow(name="ab-batch", log_prints=True)
 def ab_batch(
     sheet_uri: str, force: bool = False, dry_run: bool = False, limit: int | None = None
-) -> RunResult:
+) -> RunResult | State:
     """Make, post-process and publish every sample of every valid variant in the prompt sheet.
 
     ``sheet_uri`` is an .xlsx or .csv file: a local path or ``s3://bucket/key``. ``force``
@@ -37,6 +39,7 @@ def ab_batch(
     settings = Settings()
     run_id = new_run_id()
     logger = get_run_logger()
+    flush_spool_task(settings)  # manifests an earlier run could not store
     postproduction = prepare_postproduction_task(settings)
     sheet = load_sheet_task(sheet_uri, settings)
     experiments = sorted({variant.experiment_id for variant in sheet.variants})
@@ -46,11 +49,11 @@ def ab_batch(
 
     plan = plan_sheet_task(sheet, sheet_uri, run_id, settings, postproduction, force)
     plan = hold_back(plan, run_id, dry_run=dry_run, limit=limit)
-    rendering = render_plan(plan, settings, run_id, postproduction.finishing, logger)
+    rendering = render_plan(plan, settings, run_id, sheet_uri, postproduction.finishing, logger)
     entries = rendering.entries
 
     manifest = write_manifest_task(run_id, sheet_uri, entries, settings)
     experiment_outputs_task(run_id, sheet_uri, sheet, entries, settings)
     report_task(run_id, entries, manifest, settings)
     logger.info("run %s done counts=%s manifest=%s", run_id, manifest.counts, manifest.parquet_key)
-    return RunResult(run_id, str(flow_run.get_id()), manifest, entries, rendering.load_seconds)
+    return final_state(RunResult(run_id, str(flow_run.get_id()), manifest, entries, rendering.load_seconds))

@@ -200,10 +200,15 @@ def run_nightly(
     _use_local_prefect(settings)
     from flows.nightly import nightly_catalog
 
-    result = nightly_catalog(
-        catalog_uri=catalog, force=force, force_skus=force_sku or [], dry_run=dry_run, limit=limit
+    state = nightly_catalog(
+        catalog_uri=catalog,
+        force=force,
+        force_skus=force_sku or [],
+        dry_run=dry_run,
+        limit=limit,
+        return_state=True,
     )
-    _print_result(result, settings)
+    _print_result(state, settings)
 
 
 @run_app.command("ab")
@@ -219,7 +224,8 @@ def run_ab(
     from flows.ab import ab_batch
 
     uri = _sheet_in_store(sheet, settings)
-    _print_result(ab_batch(sheet_uri=uri, force=force, dry_run=dry_run, limit=limit), settings)
+    state = ab_batch(sheet_uri=uri, force=force, dry_run=dry_run, limit=limit, return_state=True)
+    _print_result(state, settings)
 
 
 def _sheet_in_store(sheet: str, settings: Settings) -> str:
@@ -277,7 +283,11 @@ def _gpu_hours(entries) -> str:
     )
 
 
-def _print_result(result, settings: Settings) -> None:
+def _print_result(state, settings: Settings) -> None:
+    """A run's outcome for the terminal; exits 1 when the run failed (its message says why)."""
+    result = state.result(raise_on_failure=False)
+    if isinstance(result, BaseException):
+        raise result  # the run stopped before it had a result (an unusable catalog, say)
     bucket = settings.s3_bucket
     typer.echo("")
     typer.echo(
@@ -291,6 +301,9 @@ def _print_result(result, settings: Settings) -> None:
         f"  clips:      s3://{bucket}/clips/<sku>/ or experiments/<experiment>/<variant>/ "
         "(list them: wanfactory outputs)"
     )
+    if state.is_failed():
+        typer.echo(f"  run failed: {state.message}", err=True)
+        raise typer.Exit(1)
 
 
 @app.command()

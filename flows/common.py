@@ -4,21 +4,22 @@ from __future__ import annotations
 
 import logging
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
 import ray
 from prefect.client.orchestration import get_client
 from prefect.runtime import flow_run
+from prefect.states import Failed, State
 
 from infra.settings import Settings
 from tasks.fleet import FleetStartError, connect_ray, plan_fleets
 from tasks.manifest import ManifestLocation
 from tasks.planning import Plan
 from tasks.publish import FinishingContext
-from tasks.records import ClipSpec, ManifestEntry, failed_entry
-from tasks.units import RunProgress, render_batch_task, start_fleet_task
+from tasks.records import INPUT_STAGES, ClipSpec, ClipStatus, ManifestEntry, failed_entry
+from tasks.units import RunProgress, render_batch_task, start_fleet_task, write_manifest_task
 
 
 @dataclass(frozen=True)
@@ -37,6 +38,27 @@ class RunResult:
     manifest: ManifestLocation
     entries: list[ManifestEntry]
     load_seconds: dict[str, float]  # worker -> seconds to load and warm up its model
+
+    def infrastructure_failures(self) -> Counter[str]:
+        """Clips that failed for the infrastructure, not their input, by the stage they stopped at."""
+        return Counter(
+            e.stage for e in self.entries if e.status == ClipStatus.FAILED and e.stage not in INPUT_STAGES
+        )
+
+
+def final_state(result: RunResult) -> RunResult | State:
+    """What a run flow returns: its result, or, when clips failed for the infrastructure (a model that
+    would not load, generation, post-production, storage), a Failed state that says so with the counts
+    and still carries the result. Rows rejected for their own input never fail the run."""
+    failures = result.infrastructure_failures()
+    if not failures:
+        return result
+    stages = ", ".join(f"{count} at {stage}" for stage, count in sorted(failures.items()))
+    message = (
+        f"{sum(failures.values())} clips failed for the infrastructure, not their input ({stages}); "
+        f"run {result.run_id}: {result.manifest.counts}"
+    )
+    return Failed(message=message, data=result)
 
 
 def new_run_id() -> str:
@@ -60,14 +82,25 @@ def render_plan(
     plan: Plan,
     settings: Settings,
     run_id: str,
+    source_uri: str,
     finishing: FinishingContext,
     logger: logging.Logger | logging.LoggerAdapter,
 ) -> Rendering:
     """Generate, post-process and publish the plan's clips, with a progress bar and artifact as they
-    end; one manifest entry per planned row, whatever happens."""
+    end; one manifest entry per planned row, whatever happens.
+
+    A checkpoint of the manifest (``complete: false``) is written before the first clip and after each
+    render batch, so a run that dies leaves a record of what it planned and published.
+    """
+
+    def checkpoint(made: Sequence[ManifestEntry]) -> None:
+        write_manifest_task(run_id, source_uri, [*plan.entries, *made], settings, complete=False)
+
     progress = RunProgress(len(plan.clips), f"run {run_id}")
     try:
-        made = _render_clips(plan.clips, settings, run_id, finishing, progress, logger)
+        if plan.clips:
+            checkpoint([])
+        made = _render_clips(plan.clips, settings, run_id, finishing, progress, logger, checkpoint)
     finally:
         progress.close()
     return Rendering([*plan.entries, *made.entries], made.load_seconds)
@@ -80,6 +113,7 @@ def _render_clips(
     finishing: FinishingContext,
     progress: RunProgress,
     logger: logging.Logger | logging.LoggerAdapter,
+    checkpoint: Callable[[Sequence[ManifestEntry]], None],
 ) -> Rendering:
     """An entry per clip, and the load time of every actor that made them."""
     rendering = Rendering([], {})
@@ -104,6 +138,7 @@ def _render_clips(
                 entries += render_batch_task(
                     fleet, batch_clips[start : start + settings.clips_per_task], progress
                 )
+                checkpoint(entries)
         finally:
             fleet.shutdown()
     return rendering

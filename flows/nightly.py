@@ -10,12 +10,14 @@ from __future__ import annotations
 
 from prefect import flow, get_run_logger
 from prefect.runtime import flow_run
+from prefect.states import State
 
-from flows.common import RunResult, label_flow_run, new_run_id, render_plan
+from flows.common import RunResult, final_state, label_flow_run, new_run_id, render_plan
 from flows.runs import catalog_name, nightly_run_name
 from infra.settings import Settings
 from tasks.planning import hold_back
 from tasks.units import (
+    flush_spool_task,
     load_catalog_task,
     plan_task,
     prepare_postproduction_task,
@@ -31,7 +33,7 @@ def nightly_catalog(
     force_skus: list[str] | None = None,
     dry_run: bool = False,
     limit: int | None = None,
-) -> RunResult:
+) -> RunResult | State:
     """Make, post-process and publish a clip for every catalog row not already published.
 
     ``catalog_uri`` defaults to the configured catalog; ``force`` regenerates every clip,
@@ -46,13 +48,14 @@ def nightly_catalog(
     label_flow_run(tags=["nightly", f"catalog:{catalog_name(catalog_uri)}"])
     logger.info("run %s catalog=%s", run_id, catalog_uri)
 
+    flush_spool_task(settings)  # manifests an earlier run could not store
     postproduction = prepare_postproduction_task(settings)
     catalog = load_catalog_task(catalog_uri, settings)
     plan = plan_task(catalog, catalog_uri, run_id, settings, postproduction, force, force_skus or [])
     plan = hold_back(plan, run_id, dry_run=dry_run, limit=limit)
-    rendering = render_plan(plan, settings, run_id, postproduction.finishing, logger)
+    rendering = render_plan(plan, settings, run_id, catalog_uri, postproduction.finishing, logger)
     entries = rendering.entries
     manifest = write_manifest_task(run_id, catalog_uri, entries, settings)
     report_task(run_id, entries, manifest, settings)
     logger.info("run %s done counts=%s manifest=%s", run_id, manifest.counts, manifest.parquet_key)
-    return RunResult(run_id, str(flow_run.get_id()), manifest, entries, rendering.load_seconds)
+    return final_state(RunResult(run_id, str(flow_run.get_id()), manifest, entries, rendering.load_seconds))

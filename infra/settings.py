@@ -105,6 +105,11 @@ class Settings(BaseSettings):
     postprocess_profiles_path: Path | None = Field(
         None, description="TOML file of named post-production profiles; unset: the packaged ones"
     )
+    upload_retry_seconds: float = Field(
+        600.0,
+        ge=0,
+        description="how long a finished clip waits out an outage of the object store before it fails",
+    )
     postprocess_threads: int = Field(
         1, ge=1, description="threads per clip in post-production (clips in parallel use the other cores)"
     )
@@ -167,6 +172,11 @@ class Settings(BaseSettings):
     state_dir: Path = Field(DEFAULT_STATE_DIR, description="where the local stack keeps its data")
     prefect_port: int = Field(4200, description="port of the local Prefect server")
     ceph_mon_port: int = Field(6789, description="port of the local object store's monitor")
+
+    @property
+    def manifest_spool_dir(self) -> Path:
+        """Where manifests wait when the object store cannot take them."""
+        return self.state_dir / "spool"
 
     def object_store(self) -> ObjectStoreConfig:
         return ObjectStoreConfig(

@@ -72,6 +72,7 @@ def prepare_postproduction(settings: Settings) -> Postproduction:
             profiles=profiles,
             provenance=provenance_params(settings),
             threads=settings.postprocess_threads,
+            upload_retry_seconds=settings.upload_retry_seconds,
         ),
     )
 

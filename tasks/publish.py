@@ -12,15 +12,17 @@ from __future__ import annotations
 import io
 import logging
 import tempfile
+import time
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
+from minio.error import S3Error
 from PIL import Image
 
 from catalogs.sources import read_bytes
 from infra.access import QUARANTINE_PREFIX
-from infra.objectstore import ObjectStore
+from infra.objectstore import REFUSED_CREDENTIALS, ObjectStore
 from infra.settings import ObjectStoreConfig
 from tasks.postprod.chain import ChainTools, StageError, finish_frames
 from tasks.postprod.content_filter import FrameClassifier
@@ -40,6 +42,7 @@ class FinishingContext:
     profiles: Mapping[str, PostprocessProfile]
     provenance: ProvenanceParams
     threads: int = 1  # ffmpeg and classifier threads per clip: clips in parallel use the other cores
+    upload_retry_seconds: float = 600.0  # how long a finished clip waits out an outage of the store
 
 
 def _read_logo(location: str, store: ObjectStore) -> Image.Image:
@@ -134,6 +137,7 @@ class Finisher:
         self.run_id = run_id
         self.profiles = context.profiles
         self.store = ObjectStore(context.store)
+        self.upload_retry_seconds = context.upload_retry_seconds
         classifier = FrameClassifier(context.threads)
         self.tools: dict[str, ChainTools] = {}
         # A profile whose logo cannot be read fails its clips at "postprocess", not the finisher.
@@ -172,8 +176,30 @@ class Finisher:
             except StageError as err:
                 return failed(err.stage, str(err))
             try:
+                return self._store(finished)
+            except Exception as err:
+                return failed("upload", f"{type(err).__name__}: {err}")
+
+    def _store(self, finished: FinishedClip) -> ManifestEntry:
+        """Publish (or quarantine) the clip's files, waiting out an outage of the store: the files stay on
+        local disk and are tried again with growing pauses for ``upload_retry_seconds``, so the GPU time
+        that made them is not thrown away. A refused credential is not waited out."""
+        deadline = time.monotonic() + self.upload_retry_seconds
+        pause = 1.0
+        while True:
+            try:
                 if finished.blocked:
                     return quarantine_clip(self.store, finished, self.run_id)
                 return publish_clip(self.store, finished, self.run_id)
             except Exception as err:
-                return failed("upload", f"{type(err).__name__}: {err}")
+                refused = isinstance(err, S3Error) and err.code in REFUSED_CREDENTIALS
+                if refused or time.monotonic() + pause > deadline:
+                    raise
+                log.warning(
+                    "upload failed, trying again clip_id=%s in_s=%.0f error=%s",
+                    finished.clip.clip_id,
+                    pause,
+                    type(err).__name__,
+                )
+                time.sleep(pause)
+                pause = min(2 * pause, 30.0)

@@ -34,6 +34,10 @@ from wan_engine.cost import estimated_gpu_seconds
 from wan_engine.requests import GenerationRequest
 from wan_engine.specs import ModelSpec
 
+# Where a row stops for its own input (its cells, or what the model or profile allows): every other
+# stage a clip fails at is the infrastructure's (a model that would not load, a GPU, ffmpeg, storage).
+INPUT_STAGES = frozenset({"validate", "plan"})
+
 
 class ClipStatus(StrEnum):
     PUBLISHED = "published"  # generated, encoded and stored in this run

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import re
 from collections.abc import Sequence
+from dataclasses import replace
 from datetime import timedelta
+from pathlib import Path
 from uuid import UUID
 
 from prefect import get_run_logger, task
@@ -26,11 +28,12 @@ from catalogs.schema import ValidatedCatalog
 from catalogs.sheets import SheetReadResult, load_prompt_sheet
 from catalogs.sources import load_catalog
 from infra.objectstore import ObjectStore
+from infra.processes import wait_until
 from infra.settings import Settings
 from tasks.experiments import ExperimentOutputs, experiment_markdown, write_experiment_outputs
 from tasks.fleet import FleetShape, GenerationFleet
 from tasks.inputs import check_images, local_image_roots, planning_rules
-from tasks.manifest import ManifestLocation, status_counts, write_manifest
+from tasks.manifest import ManifestLocation, flush_spool, status_counts, write_manifest
 from tasks.markdown import md_text
 from tasks.planning import Plan, plan_clips, plan_sheet, sheet_rules
 from tasks.postproduction import Postproduction, prepare_postproduction
@@ -209,11 +212,50 @@ def render_batch_task(
 
 @task(retries=3, retry_delay_seconds=5, retry_condition_fn=transient, cache_policy=NO_CACHE)
 def write_manifest_task(
-    run_id: str, catalog_uri: str, entries: Sequence[ManifestEntry], settings: Settings
+    run_id: str,
+    source_uri: str,
+    entries: Sequence[ManifestEntry],
+    settings: Settings,
+    complete: bool = True,
 ) -> ManifestLocation:
-    location = write_manifest(ObjectStore(settings.object_store()), run_id, catalog_uri, entries)
-    get_run_logger().info("manifest written key=%s counts=%s", location.parquet_key, location.counts)
+    """The run's manifest in the store, or, while the store is away, in the local spool: the run's record
+    is never lost. A complete manifest that had to be spooled is delivered by this run if the store comes
+    back within ``upload_retry_seconds``, else by the next run (:func:`flush_spool_task`)."""
+    store, logger = ObjectStore(settings.object_store()), get_run_logger()
+    spool = settings.manifest_spool_dir
+    location = write_manifest(store, run_id, source_uri, entries, complete=complete, spool_dir=spool)
+    if location.spooled and complete:
+        delivered = wait_until(lambda: _flushed(store, spool), settings.upload_retry_seconds, interval=5.0)
+        location = replace(location, spooled=not delivered)
+    logger.info(
+        "manifest %s key=%s complete=%s counts=%s",
+        "spooled" if location.spooled else "written",
+        location.parquet_key,
+        complete,
+        location.counts,
+    )
     return location
+
+
+def _flushed(store: ObjectStore, spool: Path) -> bool:
+    try:
+        flush_spool(store, spool)
+    except Exception:
+        return False
+    return True
+
+
+@task(cache_policy=NO_CACHE)
+def flush_spool_task(settings: Settings) -> list[str]:
+    """Deliver manifests an earlier run had to spool while the store was away (a run's first step)."""
+    try:
+        delivered = flush_spool(ObjectStore(settings.object_store()), settings.manifest_spool_dir)
+    except Exception as err:
+        get_run_logger().warning("spooled manifests not delivered yet error=%s", type(err).__name__)
+        return []
+    if delivered:
+        get_run_logger().info("spooled manifests delivered keys=%s", ",".join(delivered))
+    return delivered
 
 
 def _gpu_hours(entries: Sequence[ManifestEntry], status: ClipStatus) -> float:

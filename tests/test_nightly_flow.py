@@ -240,7 +240,15 @@ def test_bad_rows_are_reported_and_good_rows_still_publish(store):
 
 def test_a_model_that_cannot_load_fails_its_clips_with_the_reason(sample_run, store, monkeypatch):
     monkeypatch.setenv("WANFACTORY_MODEL_ROOT", store.uri("models/missing"))
-    result = nightly_catalog(catalog_uri=store.uri("catalogs/sample/catalog.parquet"), force=True)
+    state = nightly_catalog(
+        catalog_uri=store.uri("catalogs/sample/catalog.parquet"), force=True, return_state=True
+    )
+    # Clips that fail for the infrastructure fail the run, which says how many and where.
+    assert (
+        state.is_failed() and f"{len(SAMPLE_PRODUCTS)} clips failed for the infrastructure" in state.message
+    )
+    assert f"({len(SAMPLE_PRODUCTS)} at load)" in state.message
+    result = state.result(raise_on_failure=False)
     assert len(result.entries) == len(SAMPLE_PRODUCTS)
     for entry in result.entries:
         assert entry.status == ClipStatus.FAILED and entry.stage == "load", entry

@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import json
+import logging
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
+
 import numpy as np
 import pytest
 from minio.error import S3Error
@@ -11,13 +16,15 @@ from skimage import data
 from catalogs.problems import RowRef
 from infra.access import QUARANTINE_PREFIX, READER_UID, apply_reader_access
 from infra.objectstore import ObjectStore
+from infra.processes import wait_until
 from infra.settings import Settings
 from infra.stack import ensure_reader
+from tasks.manifest import flush_spool, write_manifest
 from tasks.postprod.profile import ProfileError
 from tasks.postprod.verify import verify_clip
 from tasks.postproduction import prepare_postproduction, trust_anchor
 from tasks.publish import Finisher
-from tasks.records import ClipSpec, ClipStatus, GeneratedClip
+from tasks.records import ClipSpec, ClipStatus, GeneratedClip, ManifestEntry
 from wan_engine import GenerationRequest, get_model_spec, resolve_request
 
 PROFILES = """
@@ -153,3 +160,41 @@ def test_a_profile_whose_label_font_is_missing_stops_the_run_at_its_start(settin
 def test_settings_name_an_unknown_default_profile(settings):
     with pytest.raises(ProfileError, match=r"WANFACTORY_POSTPROCESS_PROFILE='cinema' is not one of"):
         prepare_postproduction(Settings(postprocess_profile="cinema"))
+
+
+def test_a_finished_clip_waits_out_an_outage_of_the_store(postproduction, store, s3_server, caplog):
+    """The store goes away while a clip is finished: the clip's files wait and are published once it is back,
+    with no second generation."""
+    caplog.set_level(logging.WARNING, logger="tasks.publish")
+    finisher = Finisher(replace(postproduction.finishing, upload_retry_seconds=300), "run-outage")
+    s3_server.stop()
+    try:
+        with ThreadPoolExecutor(1) as pool:
+            finishing = pool.submit(finisher.finish, astronaut_clip("standard"))
+            waited = wait_until(
+                lambda: any("upload failed, trying again" in r.getMessage() for r in caplog.records),
+                timeout=180,
+                interval=0.5,
+            )
+            assert waited, "the finisher never tried again"
+            s3_server.start()
+            entry = finishing.result(timeout=300)
+    finally:
+        if not s3_server.is_running():
+            s3_server.start()
+    assert entry.status == ClipStatus.PUBLISHED, entry
+    assert store.exists(entry.clip_key) and entry.attempts == 1
+
+
+def test_a_manifest_the_store_cannot_take_is_spooled_then_delivered(store, s3_server, tmp_path):
+    entry = ManifestEntry(run_id="run-spool", row=0, sku="A", status=ClipStatus.FAILED, stage="upload")
+    s3_server.stop()
+    try:
+        location = write_manifest(store, "run-spool", "s3://catalog", [entry], spool_dir=tmp_path)
+    finally:
+        s3_server.start()
+    assert location.spooled and (tmp_path / store.bucket / location.json_key).is_file()
+    assert not store.exists(location.json_key)
+    assert sorted(flush_spool(store, tmp_path)) == sorted([location.json_key, location.parquet_key])
+    assert json.loads(store.get_bytes(location.json_key))["clips"][0]["stage"] == "upload"
+    assert [p for p in tmp_path.rglob("*") if p.is_file()] == []  # delivered, and gone from the spool
