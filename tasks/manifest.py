@@ -138,6 +138,12 @@ def _deliver(store: ObjectStore, objects: list[_StoredObject], spool_dir: Path |
     try:
         for obj in objects:
             store.put_bytes(obj.key, obj.data, obj.content_type, obj.metadata)
+            if spool_dir is not None:
+                # An older version of this object waiting in the spool (a checkpoint written during an
+                # outage) must not overwrite this one when the spool is delivered later.
+                stale = spool_dir / store.bucket / obj.key
+                stale.unlink(missing_ok=True)
+                stale.with_name(stale.name + _SPOOL_META).unlink(missing_ok=True)
     except Exception as err:
         if spool_dir is None:
             raise

@@ -3,10 +3,12 @@ nothing and duplicates nothing), on the real services with a catalog that change
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from datetime import UTC, datetime
 from pathlib import Path
@@ -14,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from flows.nightly import nightly_catalog
+from tasks import units
 from tasks.records import ClipStatus
 from tests.catalog_upload import upload_catalog
 
@@ -150,3 +153,44 @@ def test_a_dry_run_makes_nothing_and_a_limit_makes_at_most_that_many(store):
     assert limited.manifest.counts == {"planned": 1, "published": 2}
     rest = nightly_catalog(catalog_uri=uri)
     assert rest.manifest.counts == {"published": 1, "skipped": 2}  # the third clip, made by the next run
+
+
+def test_an_outage_of_the_store_mid_run_and_over_its_end_loses_nothing(store, s3_server, monkeypatch):
+    """The real S3 server is stopped for 60 s twice: from the checkpoint after the run's first render
+    batch, while the next batch is generated and finished (its models are loaded: a load lists the
+    weights in the store), and from the moment the run writes its final manifest. Every clip is
+    published once, and the run's manifest is in the store when the run has ended."""
+    monkeypatch.setenv("WANFACTORY_UPLOAD_RETRY_SECONDS", "120")
+    skus = [f"OUT-{n}" for n in range(6)]
+    uri = upload_catalog(store, "catalogs/outage/catalog.parquet", [product(sku) for sku in skus], NOW)
+    outages: list[str] = []
+    checkpoints: list[bool] = []
+    restarts: list[threading.Timer] = []
+    write_manifest = units.write_manifest
+
+    def write_manifest_in_an_outage(*args, complete: bool = True, **kwargs):
+        # The outages begin at two moments of the run itself, so the test does not race the run: the
+        # checkpoints come before the first clip, after the first batch (5 clips here), after the second.
+        checkpoints.append(complete)
+        if (checkpoints == [False, False]) or (complete and "end" not in outages):
+            outages.append("end" if complete else "mid-run")
+            s3_server.stop()
+            restarts.append(threading.Timer(60, s3_server.start))
+            restarts[-1].start()
+        return write_manifest(*args, complete=complete, **kwargs)
+
+    monkeypatch.setattr(units, "write_manifest", write_manifest_in_an_outage)
+    try:
+        result = nightly_catalog(catalog_uri=uri)
+    finally:
+        for restart in restarts:
+            restart.join()
+        s3_server.start()  # a no-op when it runs
+    assert outages == ["mid-run", "end"]
+    assert sorted(e.sku for e in result.entries) == skus  # each clip once
+    assert statuses(result) == dict.fromkeys(skus, "published"), [(e.sku, e.reason) for e in result.entries]
+    assert all(e.attempts == 1 for e in result.entries)  # waited out, never generated again
+    # Spooled while the store was away, delivered by the same run once it was back.
+    assert not result.manifest.spooled
+    manifest = json.loads(store.get_bytes(result.manifest.json_key))
+    assert manifest["complete"] and manifest["counts"] == {"published": len(skus)}
