@@ -20,9 +20,11 @@ import tempfile
 from pathlib import Path
 from typing import Annotated
 
+import pydantic
 import typer
 import urllib3
 from minio.error import S3Error
+from pydantic_settings import SettingsError
 
 from catalogs.problems import InputError
 from catalogs.sample import SAMPLE_DIR
@@ -366,6 +368,16 @@ def config() -> None:
         typer.echo(f"WANFACTORY_{name.upper():<30} {getattr(settings, name)!s:<45} {field.description or ''}")
 
 
+def _settings_problem(err: Exception) -> str:
+    """A settings error as the variables to fix, in one line."""
+    if isinstance(err, pydantic.ValidationError) and err.title == Settings.__name__:
+        return "; ".join(
+            f"WANFACTORY_{'_'.join(map(str, e['loc'])).upper()}={e.get('input')!r}: {e['msg']}"
+            for e in err.errors()
+        )
+    return " ".join(str(err).split())
+
+
 def main() -> None:
     """The ``wanfactory`` command: what a user's input or setup gets wrong is one line, not a traceback."""
     try:
@@ -374,6 +386,9 @@ def main() -> None:
         typer.main.get_command(app)(prog_name="wanfactory")
     except (InputError, FileNotFoundError) as err:
         typer.echo(f"error: {err}", err=True)
+        raise SystemExit(2) from None
+    except (pydantic.ValidationError, SettingsError) as err:
+        typer.echo(f"error: {_settings_problem(err)}", err=True)
         raise SystemExit(2) from None
     except (S3Error, urllib3.exceptions.HTTPError) as err:
         line = unreachable(err, Settings().s3_endpoint)

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from PIL import Image
 
-from catalogs.problems import InvalidValue
+from catalogs.problems import InputError, InvalidValue
 from catalogs.rules import locale_tag
 from catalogs.sources import read_bytes
 from infra.objectstore import ObjectStore
@@ -75,7 +75,7 @@ def _default_locale(settings: Settings) -> str:
     try:
         return locale_tag(settings.content_locale)
     except InvalidValue as err:
-        raise ValueError(f"WANFACTORY_CONTENT_LOCALE: {err}") from None
+        raise InputError(f"WANFACTORY_CONTENT_LOCALE: {err}") from None
 
 
 def planning_rules(settings: Settings, postproduction: Postproduction, store: ObjectStore) -> PlanningRules:

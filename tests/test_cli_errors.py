@@ -54,3 +54,13 @@ def test_a_refused_credential_fails_at_once_in_one_line(settings, store):
             f"error: the object store at {settings.s3_endpoint} refused the credential ({code})"
         ), result.stderr
         assert result.stderr.count("\n") == 1 and "Traceback" not in result.stderr
+
+
+def test_a_bad_setting_is_named_in_one_line():
+    env = {**os.environ, "WANFACTORY_S3_READ_TIMEOUT_SECONDS": "soon"}
+    result = _wanfactory("catalog", "validate", "catalog.parquet", env=env)
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert result.stderr == (
+        "error: WANFACTORY_S3_READ_TIMEOUT_SECONDS='soon': "
+        "Input should be a valid number, unable to parse string as a number\n"
+    )
