@@ -33,6 +33,7 @@ from flows.runs import AB_DEPLOYMENT, DEPLOYMENTS, ab_run_name, ab_tags
 from infra import stack
 from infra.objectstore import ObjectStore, unreachable
 from infra.settings import Settings
+from tasks.manifest import estimated_gpu_hours, status_counts
 from tasks.records import ClipStatus
 from wan_engine import MODEL_FAMILIES, get_model_spec, model_location, split_s3_uri
 
@@ -277,11 +278,11 @@ def ab_submit(
 
 def _gpu_hours(entries) -> str:
     """The estimated GPU time of what a run made and what it left planned, on one H100."""
-    made = [e.estimated_gpu_seconds or 0.0 for e in entries if e.status == ClipStatus.PUBLISHED]
-    planned = [e.estimated_gpu_seconds or 0.0 for e in entries if e.status == ClipStatus.PLANNED]
+    counts = status_counts(entries)
+    made, planned = (estimated_gpu_hours(entries, s) for s in (ClipStatus.PUBLISHED, ClipStatus.PLANNED))
     return (
-        f"~{sum(made) / 3600:.2f} h for {len(made)} published clips, ~{sum(planned) / 3600:.2f} h for "
-        f"{len(planned)} planned (estimated for one H100 at full model size: wan_engine/cost.py)"
+        f"~{made:.2f} h for {counts.get('published', 0)} published clips, ~{planned:.2f} h for "
+        f"{counts.get('planned', 0)} planned (estimated for one H100 at full model size: wan_engine/cost.py)"
     )
 
 

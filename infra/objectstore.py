@@ -24,9 +24,8 @@ from infra.settings import ObjectStoreConfig
 log = logging.getLogger(__name__)
 
 
-# What an S3 server answers when the credential is wrong or not allowed: the same request fails the same
-# way again, so it is never retried.
-REFUSED_CREDENTIALS = frozenset(
+# What an S3 server answers when the credential is wrong or not allowed.
+_REFUSED_CREDENTIALS = frozenset(
     {"InvalidAccessKeyId", "SignatureDoesNotMatch", "AccessDenied", "InvalidToken", "ExpiredToken"}
 )
 
@@ -45,10 +44,16 @@ def _http_client(config: ObjectStoreConfig) -> urllib3.PoolManager:
     )
 
 
+def refused_credential(err: BaseException) -> bool:
+    """Whether the store refused the credential: the same request fails the same way again, so it is
+    never retried."""
+    return isinstance(err, S3Error) and err.code in _REFUSED_CREDENTIALS
+
+
 def unreachable(err: Exception, endpoint: str) -> str | None:
     """One line for a person when ``err`` says the object store at ``endpoint`` cannot be used (it does not
     answer, or it refuses the credential); None for any other error."""
-    if isinstance(err, S3Error) and err.code in REFUSED_CREDENTIALS:
+    if refused_credential(err):
         return f"the object store at {endpoint} refused the credential ({err.code}): {err.message}"
     if isinstance(err, urllib3.exceptions.HTTPError):
         reason = getattr(err, "reason", None) or err

@@ -17,12 +17,11 @@ from collections.abc import Mapping
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
-from minio.error import S3Error
 from PIL import Image
 
 from catalogs.sources import read_bytes
 from infra.access import QUARANTINE_PREFIX
-from infra.objectstore import REFUSED_CREDENTIALS, ObjectStore
+from infra.objectstore import ObjectStore, refused_credential
 from infra.settings import ObjectStoreConfig
 from tasks.postprod.chain import ChainTools, StageError, finish_frames
 from tasks.postprod.content_filter import FrameClassifier
@@ -192,8 +191,7 @@ class Finisher:
                     return quarantine_clip(self.store, finished, self.run_id)
                 return publish_clip(self.store, finished, self.run_id)
             except Exception as err:
-                refused = isinstance(err, S3Error) and err.code in REFUSED_CREDENTIALS
-                if refused or time.monotonic() + pause > deadline:
+                if refused_credential(err) or time.monotonic() + pause > deadline:
                     raise
                 log.warning(
                     "upload failed, trying again clip_id=%s in_s=%.0f error=%s",

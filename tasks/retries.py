@@ -5,15 +5,12 @@ from __future__ import annotations
 
 from typing import Any
 
-from minio.error import S3Error
-
 from catalogs.problems import InputError
-from infra.objectstore import REFUSED_CREDENTIALS
+from infra.objectstore import refused_credential
 
 
 def transient(task: Any, task_run: Any, state: Any) -> bool:
     """A ``retry_condition_fn``: retry unless the input is unusable (a missing or malformed catalog, sheet
     or profile) or the object store refused the credential."""
     error = state.result(raise_on_failure=False)
-    refused = isinstance(error, S3Error) and error.code in REFUSED_CREDENTIALS
-    return not (refused or isinstance(error, FileNotFoundError | InputError))
+    return not (refused_credential(error) or isinstance(error, FileNotFoundError | InputError))

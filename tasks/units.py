@@ -33,7 +33,13 @@ from infra.settings import Settings
 from tasks.experiments import ExperimentOutputs, experiment_markdown, write_experiment_outputs
 from tasks.fleet import FleetShape, GenerationFleet
 from tasks.inputs import check_images, local_image_roots, planning_rules
-from tasks.manifest import ManifestLocation, flush_spool, status_counts, write_manifest
+from tasks.manifest import (
+    ManifestLocation,
+    estimated_gpu_hours,
+    flush_spool,
+    status_counts,
+    write_manifest,
+)
 from tasks.markdown import md_text
 from tasks.planning import Plan, plan_clips, plan_sheet, sheet_rules
 from tasks.postproduction import Postproduction, prepare_postproduction
@@ -258,10 +264,6 @@ def flush_spool_task(settings: Settings) -> list[str]:
     return delivered
 
 
-def _gpu_hours(entries: Sequence[ManifestEntry], status: ClipStatus) -> float:
-    return sum(e.estimated_gpu_seconds or 0.0 for e in entries if e.status == status) / 3600
-
-
 @task(cache_policy=NO_CACHE)
 def report_task(
     run_id: str, entries: Sequence[ManifestEntry], manifest: ManifestLocation, settings: Settings
@@ -297,7 +299,7 @@ def report_task(
         "",
         "Estimated GPU time on one H100: "
         + ", ".join(
-            f"{s} {_gpu_hours(entries, s):.2f} h" for s in (ClipStatus.PUBLISHED, ClipStatus.PLANNED)
+            f"{s} {estimated_gpu_hours(entries, s):.2f} h" for s in (ClipStatus.PUBLISHED, ClipStatus.PLANNED)
         ),
     ]
     if failures:
