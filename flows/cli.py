@@ -10,6 +10,10 @@ wanfactory outputs [--run RUN_ID]    what a run published (latest run by default
 wanfactory models build-tiny         build the offline test models into the model root
 wanfactory catalog validate|synth|upload
 wanfactory verify FILE|s3://KEY      a clip's C2PA provenance and invisible watermark
+wanfactory automations apply|show    the Prefect automations (crash runs whose driver died), for workers
+
+Every command that reaches the object store first delivers the manifests runs had to spool locally
+while the store was away (:func:`_object_store`).
 """
 
 from __future__ import annotations
@@ -33,7 +37,7 @@ from flows.runs import AB_DEPLOYMENT, DEPLOYMENTS, ab_run_name, ab_tags
 from infra import stack
 from infra.objectstore import ObjectStore, unreachable
 from infra.settings import Settings
-from tasks.manifest import estimated_gpu_hours, status_counts
+from tasks.manifest import estimated_gpu_hours, flush_spool, status_counts
 from tasks.records import ClipStatus
 from wan_engine import MODEL_FAMILIES, get_model_spec, model_location, split_s3_uri
 
@@ -51,11 +55,15 @@ run_app = typer.Typer(help="Run a flow now, in this process.", no_args_is_help=T
 models_app = typer.Typer(help="Model weights.", no_args_is_help=True)
 catalog_app = typer.Typer(help="Product catalogs.", no_args_is_help=True)
 ab_app = typer.Typer(help="A/B creative batches from prompt sheets.", no_args_is_help=True)
+automations_app = typer.Typer(
+    help="The Prefect automations wanfactory declares (flows/automations.py).", no_args_is_help=True
+)
 app.add_typer(stack_app, name="stack")
 app.add_typer(run_app, name="run")
 app.add_typer(models_app, name="models")
 app.add_typer(catalog_app, name="catalog")
 app.add_typer(ab_app, name="ab")
+app.add_typer(automations_app, name="automations")
 
 SAMPLE_CATALOG_PREFIX = "catalogs/sample"
 DRY_RUN_HELP = "plan and write the manifest with each clip's estimated GPU time; generate nothing"
@@ -63,12 +71,34 @@ LIMIT_HELP = "make at most this many clips; the rest stay planned for a later ru
 
 
 def _use_local_prefect(settings: Settings) -> None:
-    """Send runs to the local stack's Prefect server unless PREFECT_API_URL points elsewhere.
+    """Send runs to the local stack's Prefect server unless PREFECT_API_URL points elsewhere, and give the
+    flow runs this process starts (in it, or served) their heartbeat (``settings.prefect_environment``).
 
     Before Prefect is imported: its client reads the URL then, and without one starts a server of its own.
     """
     os.environ.setdefault("PREFECT_API_URL", f"http://127.0.0.1:{settings.prefect_port}/api")
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    os.environ.update(settings.prefect_environment())
+
+
+def _object_store(settings: Settings) -> ObjectStore:
+    """The object store, for every command that uses it; first the manifests that runs had to spool
+    locally while it was away (``settings.manifest_spool_dir``) are delivered, so a run's record reaches
+    the store with whatever command comes next, not only with the next run. If the store still cannot
+    take them they stay spooled, with one line saying so, and the command goes on."""
+    store = ObjectStore(settings.object_store())
+    try:
+        delivered = flush_spool(store, settings.manifest_spool_dir)
+    except (S3Error, urllib3.exceptions.HTTPError) as err:
+        reason = unreachable(err, settings.s3_endpoint) or f"{type(err).__name__}: {err}"
+        typer.echo(f"warning: spooled manifests not delivered yet: {reason}", err=True)
+        return store
+    if delivered:
+        typer.echo(
+            f"delivered {len(delivered)} manifest files spooled during an outage: {', '.join(delivered)}",
+            err=True,
+        )
+    return store
 
 
 def _ui_url() -> str:
@@ -78,7 +108,9 @@ def _ui_url() -> str:
 @stack_app.command("up")
 def stack_up() -> None:
     """Start the local object store and Prefect server (idempotent)."""
-    status = stack.stack_up(Settings(), DEPLOYMENTS)
+    settings = Settings()
+    status = stack.stack_up(settings, DEPLOYMENTS)
+    _object_store(settings)  # the store is back: manifests spooled while it was away go in now
     typer.echo(status.describe())
 
 
@@ -105,6 +137,27 @@ def serve() -> None:
     serve_all(settings)
 
 
+@automations_app.command("apply")
+def automations_apply() -> None:
+    """Create or update the automations on the Prefect server (idempotent): `wanfactory serve` does this
+    as it starts; run it where a Prefect worker runs the deployments of prefect.yaml instead."""
+    settings = Settings()
+    _use_local_prefect(settings)
+    from flows.automations import apply_automations
+
+    for name, done in apply_automations(settings).items():
+        typer.echo(f"{done:<9} {name}")
+    typer.echo(f"  on {_ui_url()}/automations")
+
+
+@automations_app.command("show")
+def automations_show() -> None:
+    """Print the automations as JSON, as `apply` would send them to Prefect (with these settings)."""
+    from flows.automations import automations
+
+    typer.echo(json.dumps([a.model_dump(mode="json") for a in automations(Settings())], indent=1))
+
+
 @models_app.command("build-tiny")
 def build_tiny(
     rebuild: Annotated[bool, typer.Option(help="rebuild even if the model root already has them")] = False,
@@ -120,7 +173,7 @@ def ensure_tiny_models(settings: Settings, rebuild: bool = False) -> list[str]:
     from wan_engine import save_random_pipeline  # diffusers and torch
 
     locations = []
-    store = ObjectStore(settings.object_store())
+    store = _object_store(settings)
     for family in MODEL_FAMILIES:
         spec = get_model_spec(family, "tiny")
         location = model_location(settings.model_root, spec)
@@ -149,7 +202,7 @@ def catalog_validate(uri: str) -> None:
     from tasks.postproduction import prepare_postproduction
 
     settings = Settings()
-    store = ObjectStore(settings.object_store())
+    store = _object_store(settings)
     catalog = load_catalog(uri, store.client)
     rules = planning_rules(settings, prepare_postproduction(settings), store)
     images = check_images((row.image_uri for row in catalog.rows), store, local_image_roots(settings, uri))
@@ -182,7 +235,7 @@ def catalog_upload(
     prefix: Annotated[str, typer.Option(help="key prefix in the bucket")] = SAMPLE_CATALOG_PREFIX,
 ) -> None:
     """Upload a catalog folder (catalog.parquet and the images it refers to) to the object store."""
-    store = ObjectStore(Settings().object_store())
+    store = _object_store(Settings())
     store.ensure_bucket()
     count = store.upload_folder(folder, prefix)
     typer.echo(f"uploaded {count} files to {store.uri(prefix)}/")
@@ -238,7 +291,7 @@ def _sheet_in_store(sheet: str, settings: Settings) -> str:
     path = Path(sheet)
     if not path.is_file():
         raise typer.BadParameter(f"no such file: {sheet}")
-    store = ObjectStore(settings.object_store())
+    store = _object_store(settings)
     key = f"sheets/{path.name}"
     store.put_file(key, path, "application/octet-stream")
     return store.uri(key)
@@ -259,7 +312,7 @@ def ab_submit(
 
     uri = _sheet_in_store(sheet, settings)
     # Check the sheet here, as the run will, so a marketer sees row and column errors at once.
-    checked = load_prompt_sheet(uri, sheet_rules(settings), ObjectStore(settings.object_store()).client)
+    checked = load_prompt_sheet(uri, sheet_rules(settings), _object_store(settings).client)
     for problem in checked.problems:
         typer.echo(f"  {problem}", err=True)
     experiments = sorted({v.experiment_id for v in checked.variants})
@@ -312,7 +365,7 @@ def _print_result(state, settings: Settings) -> None:
 @app.command()
 def outputs(run: Annotated[str | None, typer.Option(help="run id (default: the latest run)")] = None) -> None:
     """List what a run did, clip by clip, from its manifest in the object store."""
-    store = ObjectStore(Settings().object_store())
+    store = _object_store(Settings())
     if run is None:
         runs = sorted({key.split("/")[1] for key in store.list_keys("runs/")})
         if not runs:
@@ -344,7 +397,7 @@ def verify(
         path = Path(clip)
         if clip.startswith("s3://"):
             path = Path(tmp) / "clip.mp4"
-            path.write_bytes(read_bytes(clip, ObjectStore(settings.object_store()).client))
+            path.write_bytes(read_bytes(clip, _object_store(settings).client))
         report = verify_clip(path, trust or trust_anchor(settings))
     typer.echo(json.dumps(report.to_dict(), indent=1) if as_json else report.describe())
     raise typer.Exit(0 if report.ok else 1)

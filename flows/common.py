@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import logging
+import time
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from functools import partial
 
 import ray
 from prefect.client.orchestration import get_client
@@ -89,21 +91,39 @@ def render_plan(
     """Generate, post-process and publish the plan's clips, with a progress bar and artifact as they
     end; one manifest entry per planned row, whatever happens.
 
-    A checkpoint of the manifest (``complete: false``) is written before the first clip and after each
-    render batch, so a run that dies leaves a record of what it planned and published.
+    A checkpoint of the manifest (``complete: false``) is written before the first clip, after each
+    render batch, and within a batch as a clip ends once ``manifest_checkpoint_seconds`` have passed
+    since the last one, so a run that dies (its driver killed) leaves a record of what it planned and
+    published up to a minute or so before.
     """
-
-    def checkpoint(made: Sequence[ManifestEntry]) -> None:
-        write_manifest_task(run_id, source_uri, [*plan.entries, *made], settings, complete=False)
-
+    checkpoint = _Checkpoints(run_id, source_uri, plan.entries, settings)
     progress = RunProgress(len(plan.clips), f"run {run_id}")
     try:
         if plan.clips:
-            checkpoint([])
+            checkpoint.write([])
         made = _render_clips(plan.clips, settings, run_id, finishing, progress, logger, checkpoint)
     finally:
         progress.close()
     return Rendering([*plan.entries, *made.entries], made.load_seconds)
+
+
+class _Checkpoints:
+    """The run's manifest checkpoints: what was planned, and every clip ended so far."""
+
+    def __init__(self, run_id: str, source_uri: str, planned: Sequence[ManifestEntry], settings: Settings):
+        self.run_id, self.source_uri, self.planned, self.settings = run_id, source_uri, planned, settings
+        self.last = time.monotonic()
+
+    def write(self, made: Sequence[ManifestEntry]) -> None:
+        entries = [*self.planned, *made]
+        write_manifest_task(self.run_id, self.source_uri, entries, self.settings, complete=False)
+        self.last = time.monotonic()
+
+    def clip_ended(self, before: Sequence[ManifestEntry], batch: Sequence[ManifestEntry]) -> None:
+        """As a clip of a batch ends: a checkpoint of the clips ``before`` the batch and the ``batch``'s so
+        far, once ``manifest_checkpoint_seconds`` have passed since the last one."""
+        if time.monotonic() - self.last >= self.settings.manifest_checkpoint_seconds:
+            self.write([*before, *batch])
 
 
 def _render_clips(
@@ -113,7 +133,7 @@ def _render_clips(
     finishing: FinishingContext,
     progress: RunProgress,
     logger: logging.Logger | logging.LoggerAdapter,
-    checkpoint: Callable[[Sequence[ManifestEntry]], None],
+    checkpoint: _Checkpoints,
 ) -> Rendering:
     """An entry per clip, and the load time of every actor that made them."""
     rendering = Rendering([], {})
@@ -135,10 +155,11 @@ def _render_clips(
         rendering.load_seconds.update(fleet.load_seconds)
         try:
             for start in range(0, len(batch_clips), settings.clips_per_task):
+                clip_ended = partial(checkpoint.clip_ended, list(entries))
                 entries += render_batch_task(
-                    fleet, batch_clips[start : start + settings.clips_per_task], progress
+                    fleet, batch_clips[start : start + settings.clips_per_task], progress, clip_ended
                 )
-                checkpoint(entries)
+                checkpoint.write(entries)
         finally:
             fleet.shutdown()
     return rendering

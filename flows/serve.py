@@ -15,11 +15,16 @@ pauses the deployments, so that no runs pile up while nothing serves them (best 
 Prefect 3.8.8 may exit before it paused them all); serving again registers them unpaused.
 ``prefect.yaml`` at the repository root declares the same deployments for a worker and work pool.
 ``wanfactory stack up`` starts this as a background process (``python -m flows.serve``).
+
+Before serving, it applies the project's Prefect automations (flows/automations.py: a run whose
+heartbeats stop is marked Crashed), and the flow-run subprocesses it starts inherit the heartbeat
+setting (``Settings.prefect_environment``) from its environment.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 from datetime import timedelta
 
 from prefect import serve
@@ -27,6 +32,7 @@ from prefect.client.schemas.objects import ConcurrencyLimitConfig, ConcurrencyLi
 from prefect.deployments.runner import EntrypointType, RunnerDeployment
 from prefect.schedules import Cron, Interval
 
+from flows.automations import apply_automations
 from flows.intake import intake_watcher
 from flows.runs import AB_DEPLOYMENT, DEPLOYMENTS, INTAKE_DEPLOYMENT, NIGHTLY_DEPLOYMENT
 from infra.settings import Settings
@@ -97,14 +103,21 @@ def deployments(settings: Settings) -> list[RunnerDeployment]:
 
 
 def serve_all(settings: Settings | None = None) -> None:
-    """Register the deployments with the Prefect server and run their runs until stopped (SIGTERM, Ctrl-C)."""
+    """Apply the automations, register the deployments with the Prefect server and run their runs until
+    stopped (SIGTERM, Ctrl-C)."""
     settings = settings or Settings()
+    # Prefect's runner starts each flow run as a subprocess with this process's environment.
+    os.environ.update(settings.prefect_environment())
+    apply_automations(settings)
     log.info(
-        "serving deployments=%s nightly_cron=%r nightly_timezone=%s intake_poll_seconds=%d",
+        "serving deployments=%s nightly_cron=%r nightly_timezone=%s intake_poll_seconds=%d "
+        "flow_heartbeat_seconds=%d zombie_window_seconds=%d",
         ",".join(DEPLOYMENTS),
         settings.nightly_cron,
         settings.nightly_timezone,
         settings.intake_poll_seconds,
+        settings.flow_heartbeat_seconds,
+        settings.zombie_window_seconds,
     )
     serve(*deployments(settings))
 

@@ -12,7 +12,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, SecretStr
+from pydantic import Field, SecretStr, ValidationInfo, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 DEFAULT_STATE_DIR = Path.home() / ".wanfactory"
@@ -156,6 +156,26 @@ class Settings(BaseSettings):
     clips_per_task: int = Field(
         64, ge=1, description="clips per Prefect render task (keeps task runs few for big catalogs)"
     )
+    manifest_checkpoint_seconds: float = Field(
+        60.0,
+        ge=0,
+        description="a run checkpoints its manifest (complete: false) after every render task and, within "
+        "one, as a clip ends once this long has passed since the last checkpoint (0: after every clip)",
+    )
+
+    # Runs whose process died (flows/automations.py): Prefect's heartbeats and zombie automation.
+    flow_heartbeat_seconds: int = Field(
+        60,
+        ge=30,
+        description="seconds between a flow run's heartbeat events; the wanfactory commands pass it to "
+        "Prefect as PREFECT_FLOWS_HEARTBEAT_FREQUENCY (Prefect's minimum is 30)",
+    )
+    zombie_window_seconds: int = Field(
+        300,
+        ge=10,
+        description="a run of ours that sends no heartbeat (and ends in no final state) for this long is "
+        "marked Crashed by the zombie automation; at least 1.5 x flow_heartbeat_seconds",
+    )
 
     # Schedules (read by `wanfactory serve` when it registers its deployments; prefect.yaml has its own copy).
     nightly_cron: str = Field(
@@ -172,6 +192,22 @@ class Settings(BaseSettings):
     state_dir: Path = Field(DEFAULT_STATE_DIR, description="where the local stack keeps its data")
     prefect_port: int = Field(4200, description="port of the local Prefect server")
     ceph_mon_port: int = Field(6789, description="port of the local object store's monitor")
+
+    @field_validator("zombie_window_seconds")
+    @classmethod
+    def _window_outlasts_heartbeats(cls, window: int, info: ValidationInfo) -> int:
+        heartbeat = info.data.get("flow_heartbeat_seconds")
+        if heartbeat is not None and window < 1.5 * heartbeat:
+            raise ValueError(
+                f"must be at least 1.5 x WANFACTORY_FLOW_HEARTBEAT_SECONDS ({heartbeat}), or live runs "
+                "whose heartbeat comes a little late would be marked Crashed"
+            )
+        return window
+
+    def prefect_environment(self) -> dict[str, str]:
+        """Prefect settings our flow runs need, as environment variables: set before Prefect is imported
+        (it reads them then) in every process that runs a flow of ours."""
+        return {"PREFECT_FLOWS_HEARTBEAT_FREQUENCY": str(self.flow_heartbeat_seconds)}
 
     @property
     def manifest_spool_dir(self) -> Path:

@@ -250,6 +250,9 @@ def _start_serve(settings: Settings) -> datetime | None:
         "PREFECT_API_URL": f"{_prefect_url(settings)}/api",
         "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
         "PYTHONPATH": python_path,
+        # The flow runs' heartbeat, for Prefect to read as it is imported; serve applies the automation
+        # that marks a run Crashed when its heartbeats stop.
+        **settings.prefect_environment(),
     }
     launched_at = datetime.now(UTC)
     # The caller's directory, as for any wanfactory command: the settings' .env file is read there.

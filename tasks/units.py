@@ -8,7 +8,7 @@ batch of ``clips_per_task`` clips (a 10,000-row catalog is ~160 render tasks, no
 from __future__ import annotations
 
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import replace
 from datetime import timedelta
 from pathlib import Path
@@ -198,8 +198,13 @@ def start_fleet_task(
 # the flow skips every clip already published, so it resumes where a crash left off.
 @task(cache_policy=NO_CACHE)
 def render_batch_task(
-    fleet: GenerationFleet, clips: Sequence[ClipSpec], progress: RunProgress
+    fleet: GenerationFleet,
+    clips: Sequence[ClipSpec],
+    progress: RunProgress,
+    clip_ended: Callable[[Sequence[ManifestEntry]], None] | None = None,
 ) -> list[ManifestEntry]:
+    """The batch's clips on the fleet, an entry each as they end; ``clip_ended`` gets the batch's entries
+    so far after each (the flow checkpoints its manifest from it)."""
     logger = get_run_logger()
     entries = []
     for entry in fleet.run(clips):
@@ -213,6 +218,8 @@ def render_batch_task(
             entry.model,
             f" stage={entry.stage} reason={entry.reason}" if entry.status != ClipStatus.PUBLISHED else "",
         )
+        if clip_ended is not None:
+            clip_ended(entries)
     return entries
 
 

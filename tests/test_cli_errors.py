@@ -1,12 +1,25 @@
-"""What a person sees when the object store cannot be used: one line naming the endpoint, soon."""
+"""What a person sees when the object store cannot be used (one line naming the endpoint, soon), what a
+command does with manifests spooled during an outage, and what a prompt sheet that does not start with
+its headers gets."""
 
 from __future__ import annotations
 
+import csv
+import io
 import os
 import socket
 import subprocess
 import sys
 import time
+from dataclasses import replace
+
+import pytest
+from openpyxl import Workbook
+
+from infra.objectstore import ObjectStore
+from infra.settings import Settings
+from tasks.manifest import write_manifest
+from tasks.records import ClipStatus, ManifestEntry
 
 
 def _wanfactory(*args: str, env: dict[str, str], timeout: float = 120) -> subprocess.CompletedProcess[str]:
@@ -64,3 +77,76 @@ def test_a_bad_setting_is_named_in_one_line():
         "error: WANFACTORY_S3_READ_TIMEOUT_SECONDS='soon': "
         "Input should be a valid number, unable to parse string as a number\n"
     )
+
+
+def test_a_manifest_spooled_during_an_outage_is_delivered_by_the_next_command(settings, store, tmp_path):
+    """A run that ended while the store was away left its manifest in the local spool; `wanfactory outputs`
+    (any command that reaches the store) delivers it first, and then finds it there."""
+    state_dir = tmp_path / "state"
+    spool = Settings(state_dir=state_dir).manifest_spool_dir
+    with socket.socket() as closed:
+        closed.bind(("127.0.0.1", 0))
+        away_endpoint = f"127.0.0.1:{closed.getsockname()[1]}"  # nothing listens there once closed
+    away = ObjectStore(
+        replace(settings.object_store(), endpoint=away_endpoint, retries=0, connect_timeout_s=1)
+    )
+    run_id = "20261206T000000Z-spooled1"
+    entry = ManifestEntry(run_id=run_id, row=0, sku="SPOOL-A", status=ClipStatus.FAILED, stage="upload")
+    location = write_manifest(away, run_id, "s3://catalogs/spool.parquet", [entry], spool_dir=spool)
+    assert location.spooled and not store.exists(location.json_key)
+
+    env = {**os.environ, "WANFACTORY_STATE_DIR": str(state_dir)}
+    result = _wanfactory("outputs", "--run", run_id, env=env)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert result.stderr.startswith("delivered 2 manifest files spooled during an outage: "), result.stderr
+    assert f"run {run_id} (s3://catalogs/spool.parquet): {{'failed': 1}}" in result.stdout
+    assert store.exists(location.json_key) and store.exists(location.parquet_key)
+    assert [path for path in spool.rglob("*") if path.is_file()] == []  # delivered, gone from the spool
+
+
+HEADERS = ["Experiment ID", "Variant ID", "Prompt", "Samples"]
+VARIANT = ["sheet-errors", "A", "A speckled mug on a sunlit counter", "1"]
+
+
+def _xlsx(rows: list[list[str]], merge: str | None = None) -> bytes:
+    book = Workbook()
+    for row in rows:
+        book.active.append(row)
+    if merge:
+        book.active.merge_cells(merge)
+    buffer = io.BytesIO()
+    book.save(buffer)
+    return buffer.getvalue()
+
+
+def _csv(rows: list[list[str]]) -> bytes:
+    text = io.StringIO()
+    csv.writer(text).writerows(rows)
+    return text.getvalue().encode()
+
+
+EMPTY_ROW_1 = "error: row 1 must hold the column headers (experiment_id, variant_id, prompt, "
+TITLE_ROW_1 = "error: row 1 has no experiment_id and no variant_id column; found: Spring mugs"
+
+
+@pytest.mark.parametrize(
+    ("name", "data", "expected"),
+    [
+        ("blank-first-row.xlsx", _xlsx([[], HEADERS, VARIANT]), EMPTY_ROW_1),
+        ("merged-title.xlsx", _xlsx([["Spring mugs"], HEADERS, VARIANT], merge="A1:D1"), TITLE_ROW_1),
+        ("blank-first-row.csv", b"\r\n" + _csv([HEADERS, VARIANT]), EMPTY_ROW_1),
+        ("title-row.csv", _csv([["Spring mugs", "", "", ""], HEADERS, VARIANT]), TITLE_ROW_1),
+    ],
+)
+def test_a_sheet_whose_headers_are_not_in_row_1_fails_in_one_line(
+    settings, store, tmp_path, name, data, expected
+):
+    """A blank first row or a (merged) title row above the headers: the sheet is refused before any run
+    starts, in one line naming row 1, with no traceback."""
+    sheet = tmp_path / name
+    sheet.write_bytes(data)
+    env = {**os.environ, "WANFACTORY_STATE_DIR": str(tmp_path / "state")}
+    result = _wanfactory("ab", "submit", str(sheet), env=env)
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert result.stderr.startswith(expected), result.stderr
+    assert result.stderr.count("\n") == 1 and "Traceback" not in result.stderr

@@ -364,3 +364,21 @@ def test_compose_worker_polls_the_wanfactory_process_pool() -> None:
     assert command[command.index("--type") + 1] == "process"
     k8s_command = _containers(_one("Deployment", "prefect-worker")["spec"]["template"]["spec"])[0]["command"]
     assert k8s_command[k8s_command.index("--pool") + 1] == "wanfactory"
+
+
+# --- runs whose driver died -----------------------------------------------------------------------
+
+
+def test_worker_runs_send_heartbeats_and_the_zombie_automation_is_applied() -> None:
+    """prefect.yaml gives the worker's runs the heartbeat `wanfactory serve` gives its own (the settings'
+    default), and compose and Kubernetes apply the automation that marks a silent run Crashed."""
+    pool = yaml.safe_load((ROOT / "prefect.yaml").read_text())["definitions"]["work_pool"]
+    assert pool["job_variables"]["env"] == Settings(_env_file=None).prefect_environment()
+    apply = ["wanfactory", "automations", "apply"]
+    services = _compose()["services"]
+    assert services["prefect-automations"]["command"] == apply
+    assert services["prefect-worker"]["depends_on"]["prefect-automations"] == {
+        "condition": "service_completed_successfully"
+    }
+    job = _one("Job", "prefect-automations")["spec"]["template"]["spec"]
+    assert [c["command"] for c in _containers(job)] == [apply]

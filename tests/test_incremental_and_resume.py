@@ -161,6 +161,8 @@ def test_an_outage_of_the_store_mid_run_and_over_its_end_loses_nothing(store, s3
     weights in the store), and from the moment the run writes its final manifest. Every clip is
     published once, and the run's manifest is in the store when the run has ended."""
     monkeypatch.setenv("WANFACTORY_UPLOAD_RETRY_SECONDS", "120")
+    # Checkpoints at batch ends only, so that the outages begin where the test says.
+    monkeypatch.setenv("WANFACTORY_MANIFEST_CHECKPOINT_SECONDS", "3600")
     skus = [f"OUT-{n}" for n in range(6)]
     uri = upload_catalog(store, "catalogs/outage/catalog.parquet", [product(sku) for sku in skus], NOW)
     outages: list[str] = []
