@@ -13,6 +13,8 @@ import importlib
 import logging
 from typing import TYPE_CHECKING, Any
 
+from wan_engine.adapters import AdapterWeights, adapter_digest, expert_names
+from wan_engine.recipes import STANDARD, Recipe, UnknownRecipeError, get_recipe, recipe_names
 from wan_engine.requests import (
     MAX_SEED,
     GenerationRequest,
@@ -22,7 +24,7 @@ from wan_engine.requests import (
     resolve_request,
 )
 from wan_engine.specs import MODEL_FAMILIES, ModelSpec, UnknownModelError, Variant, get_model_spec
-from wan_engine.weights import materialize, model_location, model_version, split_s3_uri
+from wan_engine.weights import materialize, materialize_file, model_location, model_version, split_s3_uri
 
 # diffusers' Wan pipelines import CLIPImageProcessor, which Wan2.2 never uses; without torchvision
 # (there is no CPU build of it) transformers warns about it at every import. Quiet that logger alone,
@@ -54,6 +56,14 @@ def __getattr__(name: str) -> Any:
 __all__ = [
     "MAX_SEED",
     "MODEL_FAMILIES",
+    "STANDARD",
+    "AdapterWeights",
+    "Recipe",
+    "UnknownRecipeError",
+    "adapter_digest",
+    "expert_names",
+    "get_recipe",
+    "recipe_names",
     "EngineOptions",
     "GeneratedVideo",
     "GenerationRequest",
@@ -66,6 +76,7 @@ __all__ = [
     "build_random_pipeline",
     "get_model_spec",
     "materialize",
+    "materialize_file",
     "model_location",
     "model_version",
     "pick_device",

@@ -19,6 +19,7 @@ from __future__ import annotations
 import logging
 import time
 from collections import Counter
+from collections.abc import Sequence
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -26,13 +27,29 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
-from diffusers import AutoencoderKLWan, DiffusionPipeline, TaylorSeerCacheConfig, WanImageToVideoPipeline
+from diffusers import (
+    AutoencoderKLWan,
+    DiffusionPipeline,
+    FlowMatchEulerDiscreteScheduler,
+    TaylorSeerCacheConfig,
+    WanImageToVideoPipeline,
+)
 
+from wan_engine.adapters import AdapterWeights
 from wan_engine.attention import AUTO, resolve_attention_backend
+from wan_engine.lora import AdapterSlot, fuse_adapters
 from wan_engine.memory import ExpertSlot, HostResidentModule, gpu_memory_budget, plan_memory
-from wan_engine.requests import GenerationRequest, InvalidRequestError, request_problems, resolve_request
+from wan_engine.recipes import STANDARD, Recipe, get_recipe, recipe_names
+from wan_engine.requests import (
+    GenerationRequest,
+    InvalidRequestError,
+    RequestProblem,
+    request_problems,
+    request_recipe,
+    resolve_request,
+)
 from wan_engine.specs import ModelSpec
-from wan_engine.weights import materialize
+from wan_engine.weights import materialize, materialize_file
 
 if TYPE_CHECKING:
     from minio import Minio
@@ -66,6 +83,9 @@ class EngineOptions:
     # One clip across every GPU of the torch.distributed process group (diffusers' context
     # parallelism, wan_engine.parallel): for latency-bound clips. Exact: it splits the work, not the math.
     context_parallel: bool = False
+    # Per-clip adapters (brand styles): a LoRA slot of this rank in every expert, made at load before the
+    # blocks are compiled, into which each clip's adapters are hot-swapped (wan_engine.lora); 0: none.
+    adapter_slot_rank: int = 0
 
     @property
     def mode(self) -> str:
@@ -92,6 +112,8 @@ class GeneratedVideo:
     # fewer kept than given means the end of the prompt had no effect.
     prompt_tokens: int
     prompt_tokens_kept: int
+    # Seconds spent swapping per-clip adapters in before this clip; None when the loaded ones served.
+    adapter_swap_seconds: float | None = None
 
 
 @dataclass(frozen=True)
@@ -100,7 +122,7 @@ class PreparedClip:
 
     request: GenerationRequest  # resolved: every default filled in
     positive: torch.Tensor
-    negative: torch.Tensor
+    negative: torch.Tensor | None  # None when no step of the recipe runs classifier-free guidance
     prompt_tokens: int  # the prompt's tokens before the text encoder's limit
 
 
@@ -120,11 +142,15 @@ class WanGenerator:
         spec: ModelSpec,
         device: torch.device,
         options: EngineOptions | None = None,
+        fused_adapters: Sequence[AdapterWeights] = (),
     ) -> None:
+        """``fused_adapters`` (local files) are fused into the weights here, before anything is compiled
+        or quantized: a recipe that needs them (a distilled one) then costs nothing extra per step."""
         _check_pipeline_matches(pipeline, spec)
         self.spec = spec
         self.device = device
         self.options = options or EngineOptions()
+        self.fused_adapters = tuple(fused_adapters)
         self.experts = {"high_noise": pipeline.transformer, "low_noise": pipeline.transformer_2}
         if not spec.is_moe:
             self.experts = {"dense": pipeline.transformer}
@@ -136,9 +162,24 @@ class WanGenerator:
             offload_text_encoder=self.options.text_encoder_offload,
         )
         self._expert_slot: ExpertSlot | None = None
+        self.fuse_seconds = 0.0
         if self.memory_plan.stream_experts:
+            # On the host: the experts never sit on the GPU together.
+            self.fuse_seconds = fuse_adapters(pipeline, self.fused_adapters)
             self.stream_experts()  # before the pipeline moves to the GPU, where both experts would not fit
         self.pipeline = pipeline.to(device)
+        if not self.memory_plan.stream_experts:
+            self.fuse_seconds = fuse_adapters(
+                pipeline, self.fused_adapters
+            )  # on the GPU: seconds, not minutes
+        self.adapter_slot: AdapterSlot | None = None
+        if self.options.adapter_slot_rank:
+            if self.memory_plan.stream_experts:
+                raise ValueError(
+                    "per-clip adapters need both experts resident; this GPU streams them (expert streaming)"
+                )
+            self.adapter_slot = AdapterSlot(pipeline, self.experts, self.options.adapter_slot_rank)
+        self._schedulers: dict[str, object] = {}
         # TI2V-5B takes text or an image: its image path needs WanImageToVideoPipeline's latent preparation.
         self._image_pipeline = pipeline
         if spec.task == "ti2v":
@@ -234,11 +275,24 @@ class WanGenerator:
         cache_dir: Path | None = None,
         client: Minio | None = None,
         options: EngineOptions | None = None,
+        fused_adapters: Sequence[AdapterWeights] = (),
     ) -> WanGenerator:
-        """Load ``spec``'s diffusers folder from a path or ``s3://`` prefix (cached in ``cache_dir``)."""
+        """Load ``spec``'s diffusers folder from a path or ``s3://`` prefix (cached in ``cache_dir``), with
+        ``fused_adapters`` (their files are paths or ``s3://`` URIs, cached alike) fused into its weights."""
         started = time.perf_counter()
         target = pick_device(device)
-        folder = materialize(str(location), cache_dir or Path.home() / ".cache" / "wanfactory", client)
+        cache_dir = cache_dir or Path.home() / ".cache" / "wanfactory"
+        folder = materialize(str(location), cache_dir, client)
+        fused_adapters = [
+            replace(
+                adapter,
+                files=tuple(
+                    (expert, str(materialize_file(uri, cache_dir / "adapters", client)))
+                    for expert, uri in adapter.files
+                ),
+            )
+            for adapter in fused_adapters
+        ]
         dtype = torch.bfloat16 if target.type == "cuda" else torch.float32
         options = options or EngineOptions()
         vae_dtype = options.vae_dtype or dtype
@@ -248,13 +302,20 @@ class WanGenerator:
         pipeline.scheduler = type(pipeline.scheduler).from_config(
             pipeline.scheduler.config, flow_shift=spec.flow_shift
         )
-        generator = cls(pipeline, spec, target, options)
+        generator = cls(pipeline, spec, target, options, fused_adapters)
         if options.warmup and target.type == "cuda":
             generator.warm_up()
         log.info(
             "model loaded model=%s device=%s seconds=%.1f", spec.name, target, time.perf_counter() - started
         )
         return generator
+
+    @property
+    def recipes(self) -> list[Recipe]:
+        """The recipes this generator serves: those whose fused adapters are the ones it holds."""
+        held = sorted((adapter.name, adapter.scale) for adapter in self.fused_adapters)
+        recipes = [get_recipe(self.spec, name) for name in recipe_names(self.spec)]
+        return [recipe for recipe in recipes if sorted(recipe.fused_adapters) == held]
 
     def warm_up(self) -> None:
         """Compile and autotune at the default size before the first real clip, every expert included."""
@@ -263,24 +324,64 @@ class WanGenerator:
             from PIL import Image
 
             image = Image.new("RGB", self.spec.default_size, (128, 128, 128))
-        self.generate(GenerationRequest(prompt="warm-up", seed=0, steps=self.warmup_steps(), image=image))
+        recipe = next(iter(self.recipes), None)
+        if recipe is None:
+            return  # nothing to serve: every request is refused by validate()
+        self.generate(
+            GenerationRequest(
+                prompt="warm-up", seed=0, steps=self.warmup_steps(recipe), image=image, recipe=recipe.name
+            )
+        )
 
-    def warmup_steps(self) -> int:
-        """The fewest steps whose schedule crosses the expert boundary (2 for a dense model)."""
+    def warmup_steps(self, recipe: Recipe | None = None) -> int:
+        """The fewest steps whose schedule crosses the expert boundary (2 for a dense model); all of a
+        recipe's steps when they are fixed."""
+        recipe = recipe or get_recipe(self.spec, STANDARD)
+        if recipe.fixed_steps:
+            return recipe.steps
         if not self.spec.is_moe:
             return 2
-        scheduler = type(self.pipeline.scheduler).from_config(self.pipeline.scheduler.config)
+        scheduler = self._scheduler(recipe)
         boundary = self.spec.boundary_ratio * scheduler.config.num_train_timesteps
-        for steps in range(2, self.spec.steps + 1):
+        for steps in range(2, recipe.steps + 1):
             scheduler.set_timesteps(steps)
             if (scheduler.timesteps < boundary).any():
                 return steps
-        return self.spec.steps
+        return recipe.steps
+
+    def _scheduler(self, recipe: Recipe):
+        """The recipe's scheduler, one per recipe: a scheduler keeps the state of the clip it runs."""
+        scheduler = self._schedulers.get(recipe.name)
+        if scheduler is None:
+            config = self.pipeline.scheduler.config
+            if recipe.scheduler == "unipc":
+                scheduler = type(self.pipeline.scheduler).from_config(config, flow_shift=recipe.flow_shift)
+            else:
+                scheduler = FlowMatchEulerDiscreteScheduler(
+                    num_train_timesteps=config.num_train_timesteps, shift=recipe.flow_shift
+                )
+            self._schedulers[recipe.name] = scheduler
+        return scheduler
 
     def validate(self, request: GenerationRequest) -> GenerationRequest:
         """The request with defaults filled in; raises :class:`InvalidRequestError` naming every bad field."""
         resolved = resolve_request(self.spec, request)
         problems = request_problems(self.spec, resolved, has_image=request.image is not None)
+        recipe = request_recipe(self.spec, resolved)
+        if recipe.name == resolved.recipe and recipe not in self.recipes:
+            held = ", ".join(f"{a.name}:{a.scale:g}" for a in self.fused_adapters) or "none"
+            wanted = ", ".join(f"{name}:{scale:g}" for name, scale in recipe.fused_adapters) or "none"
+            problems.append(
+                RequestProblem(
+                    "recipe",
+                    f"{recipe.name} needs the adapters fused at load to be {wanted}; this generator "
+                    f"holds {held}",
+                )
+            )
+        if resolved.adapters and self.adapter_slot is None:
+            problems.append(
+                RequestProblem("adapters", "this generator was loaded without a slot for per-clip adapters")
+            )
         if problems:
             raise InvalidRequestError(self.spec.name, problems)
         return resolved
@@ -304,6 +405,8 @@ class WanGenerator:
         current one denoises (see :attr:`prepares_concurrently`) without waiting for its kernels.
         """
         resolved = self.validate(request)
+        if self.adapter_slot is not None:
+            self.adapter_slot.check(resolved.adapters)
         stream = self._prepare_stream
         with torch.cuda.stream(stream) if stream is not None else nullcontext():
             positive, negative = self.encode_prompts(resolved)
@@ -317,14 +420,18 @@ class WanGenerator:
 
     @torch.inference_mode()
     def render(self, prepared: PreparedClip) -> GeneratedVideo:
-        """Denoise and decode a prepared clip into frames on the host."""
+        """Swap in the clip's adapters, then denoise and decode a prepared clip into frames on the host."""
         started = time.perf_counter()
+        swap_seconds = None
+        if self.adapter_slot is not None:
+            swap_seconds = self.adapter_slot.use(prepared.request.adapters)
         self._expert_calls.clear()
         embeddings = prepared.positive, prepared.negative
         if self._prepare_stream is not None:
             # Made on the prepare stream, used on this one: the allocator must not reuse them early.
             for tensor in embeddings:
-                tensor.record_stream(torch.cuda.current_stream(self.device))
+                if tensor is not None:
+                    tensor.record_stream(torch.cuda.current_stream(self.device))
         latents = self.denoise(prepared.request, embeddings)
         frames = self.decode(latents)
         return GeneratedVideo(
@@ -335,12 +442,14 @@ class WanGenerator:
             seconds=time.perf_counter() - started,
             prompt_tokens=prepared.prompt_tokens,
             prompt_tokens_kept=min(prepared.prompt_tokens, self.spec.max_sequence_length),
+            adapter_swap_seconds=swap_seconds,
         )
 
     # The stages of one clip; public so that benchmarks can time each of them.
 
-    def encode_prompts(self, request: GenerationRequest) -> tuple[torch.Tensor, torch.Tensor]:
-        """The prompt's and negative prompt's umT5 embeddings; the negative one is computed once."""
+    def encode_prompts(self, request: GenerationRequest) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The prompt's and negative prompt's umT5 embeddings; the negative one is computed once, and not
+        at all when no step runs classifier-free guidance (None)."""
         pipeline, length = self.pipeline, self.spec.max_sequence_length
         dtype = self.experts[next(iter(self.experts))].dtype
         if self._text_encoder_host is not None:
@@ -349,14 +458,16 @@ class WanGenerator:
             request.prompt, max_sequence_length=length, device=self.device
         )
         negative = self._negative_cache.get(request.negative_prompt)
-        if negative is None:
+        if not _guided(request):
+            negative = None
+        elif negative is None:
             negative = pipeline._get_t5_prompt_embeds(
                 request.negative_prompt, max_sequence_length=length, device=self.device
             )
             self._negative_cache = {request.negative_prompt: negative}
         if self._text_encoder_host is not None:
             self._text_encoder_host.offload()
-        return positive.to(dtype), negative.to(dtype)
+        return positive.to(dtype), negative.to(dtype) if negative is not None else None
 
     def denoise(
         self, request: GenerationRequest, embeddings: tuple[torch.Tensor, torch.Tensor] | None = None
@@ -364,10 +475,16 @@ class WanGenerator:
         """The final latents of a resolved request (float32, before the VAE), from its prompt
         embeddings (positive, negative) when :meth:`prepare` made them already."""
         positive, negative = embeddings or self.encode_prompts(request)
-        pipeline, scheduler = self.pipeline, self.pipeline.scheduler
+        recipe = request_recipe(self.spec, request)
+        pipeline, scheduler = self.pipeline, self._scheduler(recipe)
         dtype = positive.dtype
         generator = torch.Generator("cpu").manual_seed(request.seed)
-        scheduler.set_timesteps(request.steps, device=self.device)
+        if recipe.timesteps is not None:
+            # The distilled timesteps, shifted by the scheduler as the distillation's sampler shifts them.
+            sigmas = [t / scheduler.config.num_train_timesteps for t in recipe.timesteps]
+            scheduler.set_timesteps(sigmas=sigmas, device=self.device)
+        else:
+            scheduler.set_timesteps(request.steps, device=self.device)
         timesteps = scheduler.timesteps
         scheduler.set_begin_index(0)  # no device-to-host sync to find the step index
 
@@ -394,13 +511,16 @@ class WanGenerator:
         else:
             latents = pipeline.prepare_latents(*shape_and_rng)
 
-        batch = 2 if self.options.batch_guidance else 1
-        embeddings = torch.cat([positive, negative]) if batch == 2 else None
-        boundary = (
-            self.spec.boundary_ratio * scheduler.config.num_train_timesteps if self.spec.is_moe else None
-        )
+        guided_batch = 2 if self.options.batch_guidance else 1
+        embeddings = torch.cat([positive, negative]) if negative is not None and guided_batch == 2 else None
         # The switch between experts happens on the host: decide it once from the schedule, not per step.
-        high_noise_steps = len(timesteps) if boundary is None else int((timesteps >= boundary).sum().item())
+        if not self.spec.is_moe:
+            high_noise_steps = len(timesteps)
+        elif recipe.switch_step is not None:
+            high_noise_steps = recipe.switch_step
+        else:
+            boundary = self.spec.boundary_ratio * scheduler.config.num_train_timesteps
+            high_noise_steps = int((timesteps >= boundary).sum().item())
         token_timesteps = None
         if first_frame_mask is not None:
             # TI2V with an image: first-frame tokens are clean (t = 0), the rest follow the schedule.
@@ -426,7 +546,11 @@ class WanGenerator:
                 # Text-only TI2V passes one timestep per token, all equal: one value is the same result.
                 model_input, timestep = latents, t.expand(1)
             model_input = model_input.to(dtype)
-            if batch == 2:
+            if guidance == 1.0:
+                # No classifier-free guidance: one forward, no unconditional pass.
+                self._before_last_forward_of(name, following)
+                noise = self._forward_in_context(model, "cond", model_input, timestep, positive)
+            elif guided_batch == 2:
                 self._before_last_forward_of(name, following)
                 with self._cache_context(model, "guided"):
                     noise_both = model(
@@ -436,11 +560,12 @@ class WanGenerator:
                         return_dict=False,
                     )[0]
                 noise_cond, noise_uncond = noise_both.chunk(2)
+                noise = noise_uncond + guidance * (noise_cond - noise_uncond)
             else:
                 noise_cond = self._forward_in_context(model, "cond", model_input, timestep, positive)
                 self._before_last_forward_of(name, following)
                 noise_uncond = self._forward_in_context(model, "uncond", model_input, timestep, negative)
-            noise = noise_uncond + guidance * (noise_cond - noise_uncond)
+                noise = noise_uncond + guidance * (noise_cond - noise_uncond)
             latents = scheduler.step(noise, t, latents, return_dict=False)[0]
 
         if self.step_cached:
@@ -488,6 +613,12 @@ class WanGenerator:
         return video.permute(1, 2, 3, 0).contiguous().cpu().numpy()
 
 
+def _guided(request: GenerationRequest) -> bool:
+    """Whether any expert runs classifier-free guidance (an unconditional pass) for a resolved request."""
+    scales = [request.guidance_scale, request.guidance_scale_2]
+    return any(scale is not None and scale != 1.0 for scale in scales)
+
+
 def decode_latents(vae: AutoencoderKLWan, latents: torch.Tensor) -> torch.Tensor:
     """``vae``'s video, ``(1, 3, frames, height, width)`` in [-1, 1], from final latents: cast to the
     VAE's dtype and scaled back by its ``latents_mean`` / ``latents_std`` first, as the pipelines do."""
@@ -517,7 +648,9 @@ def _quantize_fp8(module: torch.nn.Module) -> None:
     def in_blocks_not_yet_fp8(child: torch.nn.Module, name: str) -> bool:
         # Two generators over one set of modules (a benchmark's) must not quantize twice.
         is_linear = isinstance(child, torch.nn.Linear)
-        return is_linear and name.startswith("blocks.") and not isinstance(child.weight, TorchAOBaseTensor)
+        # A per-clip adapter slot's own small linears stay in bf16: they are swapped in place.
+        in_blocks = name.startswith("blocks.") and ".lora_" not in name
+        return is_linear and in_blocks and not isinstance(child.weight, TorchAOBaseTensor)
 
     quantize_(
         module,

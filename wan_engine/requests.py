@@ -10,6 +10,8 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
+from wan_engine.adapters import AdapterWeights, expert_names
+from wan_engine.recipes import STANDARD, Recipe, UnknownRecipeError, get_recipe, standard_recipe
 from wan_engine.specs import ModelSpec
 
 if TYPE_CHECKING:
@@ -21,7 +23,8 @@ MAX_SEED = 2**63 - 1
 
 @dataclass(frozen=True)
 class GenerationRequest:
-    """One clip to generate. ``None`` fields take the model's official default."""
+    """One clip to generate. ``None`` fields take the recipe's default (the model's official one for
+    the ``standard`` recipe)."""
 
     prompt: str
     seed: int
@@ -33,6 +36,8 @@ class GenerationRequest:
     guidance_scale: float | None = None
     guidance_scale_2: float | None = None
     image: Image | None = None  # the conditioning image (i2v, ti2v)
+    recipe: str = STANDARD  # the sampling plan (wan_engine.recipes)
+    adapters: tuple[AdapterWeights, ...] = ()  # per-clip adapters, applied unfused at their scales
 
 
 @dataclass(frozen=True)
@@ -54,18 +59,28 @@ class InvalidRequestError(ValueError):
         super().__init__(f"{model}: " + "; ".join(str(p) for p in problems))
 
 
+def request_recipe(spec: ModelSpec, request: GenerationRequest) -> Recipe:
+    """The request's recipe; the standard one when the model has no such recipe (a problem that
+    :func:`request_problems` reports)."""
+    try:
+        return get_recipe(spec, request.recipe)
+    except UnknownRecipeError:
+        return standard_recipe(spec)
+
+
 def resolve_request(spec: ModelSpec, request: GenerationRequest) -> GenerationRequest:
-    """Fill every unset field from the model's defaults."""
+    """Fill every unset field from the recipe's and the model's defaults."""
     width, height = spec.default_size
+    recipe = request_recipe(spec, request)
     return replace(
         request,
         negative_prompt=spec.negative_prompt if request.negative_prompt is None else request.negative_prompt,
         width=request.width or width,
         height=request.height or height,
         num_frames=request.num_frames or spec.num_frames,
-        steps=request.steps or spec.steps,
-        guidance_scale=spec.guidance_scale if request.guidance_scale is None else request.guidance_scale,
-        guidance_scale_2=spec.guidance_scale_2
+        steps=request.steps or recipe.steps,
+        guidance_scale=recipe.guidance_scale if request.guidance_scale is None else request.guidance_scale,
+        guidance_scale_2=recipe.guidance_scale_2
         if request.guidance_scale_2 is None
         else request.guidance_scale_2,
     )
@@ -97,6 +112,30 @@ def request_problems(spec: ModelSpec, request: GenerationRequest, has_image: boo
         )
     if request.steps is None or request.steps < 1:
         problems.append(RequestProblem("steps", f"{request.steps} must be at least 1"))
+    try:
+        recipe = get_recipe(spec, request.recipe)
+    except UnknownRecipeError as err:
+        problems.append(RequestProblem("recipe", str(err)))
+    else:
+        if recipe.fixed_steps and request.steps != recipe.steps:
+            problems.append(
+                RequestProblem(
+                    "steps",
+                    f"recipe {recipe.name} runs exactly {recipe.steps} steps (the timesteps its weights "
+                    f"were distilled at), not {request.steps}",
+                )
+            )
+    experts = expert_names(spec)
+    for adapter in request.adapters:
+        strange = [expert for expert, _ in adapter.files if expert not in experts]
+        if strange or not adapter.files:
+            problems.append(
+                RequestProblem(
+                    "adapters",
+                    f"{adapter.name} has files for {', '.join(strange) or 'no expert'}; "
+                    f"{spec.name}'s experts are {', '.join(experts)}",
+                )
+            )
     if request.guidance_scale_2 is not None and not spec.is_moe:
         problems.append(RequestProblem("guidance_scale_2", f"{spec.name} has one expert, not two"))
     if has_image and not spec.accepts_image:

@@ -102,3 +102,28 @@ def materialize(location: str, cache_dir: Path, client: Minio | None = None) -> 
             client.fget_object(bucket, key, str(dest))
         record.write_text(json.dumps(objects, sort_keys=True))
     return local
+
+
+def materialize_file(uri: str, cache_dir: Path, client: Minio | None = None) -> Path:
+    """A local path for one file (an adapter's): a path as given, or ``s3://`` fetched into ``cache_dir``
+    once per host and fetched again only when its ETag changes."""
+    if not uri.startswith("s3://"):
+        path = Path(uri).expanduser()
+        if not path.is_file():
+            raise FileNotFoundError(f"no file at {path}")
+        return path
+    if client is None:
+        raise ValueError(f"{uri} is in an object store, but no S3 client was given")
+    bucket, key = split_s3_uri(uri)
+    local = Path(cache_dir) / bucket / key
+    local.parent.mkdir(parents=True, exist_ok=True)
+    record = local.parent / f".{local.name}.etag"
+    with open(local.parent / f".{local.name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        etag = client.stat_object(bucket, key).etag
+        if local.is_file() and record.is_file() and record.read_text() == etag:
+            return local
+        log.info("fetching adapter uri=%s cache=%s", uri, local)
+        client.fget_object(bucket, key, str(local))
+        record.write_text(etag)
+    return local
