@@ -15,6 +15,7 @@ from typing import Any
 import pyarrow as pa
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from catalogs.adapters import Adapters
 from catalogs.problems import InputError, RowProblem, RowRef
 from catalogs.prompts import STYLES
 from catalogs.rules import Locale, Seed, Size, Sku, WholeNumber
@@ -36,6 +37,8 @@ CATALOG_SCHEMA = pa.schema(
         pa.field("steps", pa.int32()),
         pa.field("postprocess_profile", pa.string()),
         pa.field("locale", pa.string()),
+        pa.field("recipe", pa.string()),
+        pa.field("adapters", pa.string()),
     ],
     metadata={
         "image_uri": "optional: s3://bucket/key, an absolute path, or a path relative to the catalog",
@@ -47,6 +50,9 @@ CATALOG_SCHEMA = pa.schema(
         "steps": "optional: denoising steps (default: the model's official count); fewer: faster, rougher",
         "postprocess_profile": "optional: a post-production profile name (default: the run's)",
         "locale": "optional: the prompt's language for the prompt policy, e.g. en or de-AT",
+        "recipe": "optional: sampling recipe, standard or lightx2v-4step (default: the run's, where the "
+        "model has it)",
+        "adapters": "optional: registered adapters (LoRAs), comma-separated, e.g. acme-style:0.8",
     },
 )
 REQUIRED_COLUMNS = tuple(f.name for f in CATALOG_SCHEMA if not f.nullable)
@@ -73,6 +79,8 @@ class CatalogRow(BaseModel):
     steps: WholeNumber | None = Field(default=None, ge=1, le=1000)
     postprocess_profile: str | None = None
     locale: Locale | None = None
+    recipe: str | None = None  # checked against the model at planning
+    adapters: Adapters  # names and scales checked against the registry at planning
 
     @field_validator("style")
     @classmethod
@@ -89,6 +97,7 @@ class CatalogRow(BaseModel):
         "size",
         "postprocess_profile",
         "locale",
+        "recipe",
         mode="before",
     )
     @classmethod

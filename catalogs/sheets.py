@@ -70,6 +70,14 @@ import pyarrow as pa
 from openpyxl.utils import get_column_letter
 from openpyxl.utils.exceptions import InvalidFileException
 
+from catalogs.adapters import (
+    AdapterAsk,
+    AdapterRegistry,
+    adapter_problems,
+    format_adapters,
+    parse_adapters,
+    recipe_problem,
+)
 from catalogs.problems import InputError, InvalidValue, RowProblem, RowRef
 from catalogs.prompts import STYLES, product_prompt
 from catalogs.rules import (
@@ -110,6 +118,8 @@ COLUMNS = (
     "size",
     "image_uri",
     "postprocess_profile",
+    "recipe",
+    "adapters",
     "notes",
 )
 # Headers are matched on their letters and digits alone, lower-cased: "Variant ID" -> "variantid".
@@ -131,6 +141,9 @@ _HEADER_ALIASES: dict[str, str] = {
     "postprocessing": "postprocess_profile",
     "postprocessingprofile": "postprocess_profile",
     "profile": "postprocess_profile",
+    "lora": "adapters",
+    "loras": "adapters",
+    "adapter": "adapters",
     "note": "notes",
     "comment": "notes",
     "comments": "notes",
@@ -155,6 +168,8 @@ PROMPT_SHEET_SCHEMA = pa.schema(
         pa.field("seeds_derived", pa.bool_(), nullable=False),
         pa.field("image_uri", pa.string()),
         pa.field("postprocess_profile", pa.string()),
+        pa.field("recipe", pa.string()),
+        pa.field("adapters", pa.string()),
         pa.field("notes", pa.string()),
     ],
     metadata={
@@ -163,6 +178,8 @@ PROMPT_SHEET_SCHEMA = pa.schema(
         "model": "the model family, the sheet's or the default; model_variant: full or tiny",
         "width": "width and height: the size resolved from the sheet's size or aspect ratio",
         "seeds": "one seed per sample; seeds_derived: derived from the experiment, not written in the sheet",
+        "recipe": "the sampling recipe the sheet names (none: the run's default)",
+        "adapters": "the adapters the sheet names, as name:scale, comma-separated",
     },
 )
 
@@ -178,6 +195,7 @@ class SheetRules:
 
     models: ModelDefaults
     postprocess_profiles: frozenset[str] | None = None  # the only profile names accepted; None: any
+    adapters: AdapterRegistry | None = None  # the adapters rows may name; None: names are not checked
 
 
 def _sheet_problem(row: int | None, column: str, message: str) -> RowProblem:
@@ -205,6 +223,8 @@ class SheetVariant:
     seeds_derived: bool
     image_uri: str | None
     postprocess_profile: str | None
+    recipe: str | None = None
+    adapters: tuple[AdapterAsk, ...] = ()
     notes: str | None
 
     def clips(self) -> list[SheetClip]:
@@ -300,7 +320,8 @@ def expand_variants(variants: Collection[SheetVariant]) -> list[SheetClip]:
 
 def prompt_sheet_table(variants: Collection[SheetVariant]) -> pa.Table:
     """The variants as a table of :data:`PROMPT_SHEET_SCHEMA`."""
-    return pa.Table.from_pylist([asdict(v) for v in variants], schema=PROMPT_SHEET_SCHEMA)
+    rows = [{**asdict(v), "adapters": format_adapters(v.adapters)} for v in variants]
+    return pa.Table.from_pylist(rows, schema=PROMPT_SHEET_SCHEMA)
 
 
 def variants_from_table(table: pa.Table) -> list[SheetVariant]:
@@ -309,7 +330,10 @@ def variants_from_table(table: pa.Table) -> list[SheetVariant]:
     if missing:
         raise ValueError(f"not a prompt-sheet table: no column(s) {', '.join(missing)}")
     rows = table.select(PROMPT_SHEET_SCHEMA.names).cast(PROMPT_SHEET_SCHEMA).to_pylist()
-    return [SheetVariant(**{**row, "seeds": tuple(row["seeds"])}) for row in rows]
+    return [
+        SheetVariant(**{**row, "seeds": tuple(row["seeds"]), "adapters": parse_adapters(row.get("adapters"))})
+        for row in rows
+    ]
 
 
 # --- reading the file -------------------------------------------------------------------------
@@ -508,6 +532,13 @@ def _parse_row(
     profile = check(
         "postprocess_profile", _parse_profile, text["postprocess_profile"], rules.postprocess_profiles
     )
+    recipe = text["recipe"]
+    adapters = check("adapters", parse_adapters, text["adapters"])
+    if spec is not _BAD and recipe and (why := recipe_problem(spec, recipe)):
+        report("recipe", why)
+    if spec is not _BAD and adapters is not _BAD and rules.adapters is not None:
+        for why in adapter_problems(spec, adapters, rules.adapters):
+            report("adapters", why)
 
     if problems:
         return problems
@@ -530,6 +561,8 @@ def _parse_row(
         seeds_derived=not values.get("seeds"),
         image_uri=image_uri,
         postprocess_profile=profile,
+        recipe=recipe,
+        adapters=adapters,
         notes=text["notes"],
     )
 

@@ -18,6 +18,7 @@ while the store was away (:func:`_object_store`).
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import tempfile
@@ -162,10 +163,13 @@ def automations_show() -> None:
 def build_tiny(
     rebuild: Annotated[bool, typer.Option(help="rebuild even if the model root already has them")] = False,
 ) -> None:
-    """Build the tiny random-weight Wan2.2 models (offline) into the configured model root."""
+    """Build the tiny random-weight Wan2.2 models (offline) into the configured model root, and tiny random
+    files for the registered adapters under the adapter root."""
     settings = Settings()
     for folder in ensure_tiny_models(settings, rebuild):
         typer.echo(f"tiny model ready: {folder}")
+    for file in ensure_tiny_adapters(settings, rebuild):
+        typer.echo(f"tiny adapter written: {file}")
 
 
 def ensure_tiny_models(settings: Settings, rebuild: bool = False) -> list[str]:
@@ -190,6 +194,37 @@ def ensure_tiny_models(settings: Settings, rebuild: bool = False) -> list[str]:
             save_random_pipeline(spec, Path(location).parent)
         locations.append(location)
     return locations
+
+
+def ensure_tiny_adapters(settings: Settings, rebuild: bool = False) -> list[str]:
+    """Make sure every registered adapter's files exist under the adapter root, as tiny random LoRAs of the
+    tiny models (what the demo and tests run offline); returns the files written."""
+    from tasks.planning import adapter_registry
+    from wan_engine import save_random_lora  # torch
+
+    registry, written = adapter_registry(settings), []
+    store = _object_store(settings)
+    for entry in registry.entries.values():
+        spec = get_model_spec(entry.family, "tiny")
+        for _, uri in entry.files(registry.root):
+            if not uri.startswith(registry.root.rstrip("/") + "/"):
+                continue  # an absolute file of the operator's: never written over
+            seed = int(hashlib.sha256(uri.encode()).hexdigest()[:8], 16)  # each file its own weights
+            if uri.startswith("s3://"):
+                bucket, key = split_s3_uri(uri)
+                if bucket != store.bucket:
+                    raise typer.BadParameter(
+                        f"adapter root bucket {bucket} is not the configured bucket {store.bucket}"
+                    )
+                if rebuild or not store.exists(key):
+                    with tempfile.TemporaryDirectory() as tmp:
+                        path = save_random_lora(spec, Path(tmp) / "lora.safetensors", seed=seed)
+                        store.put_file(key, path, "application/octet-stream")
+                    written.append(uri)
+            elif rebuild or not Path(uri).is_file():
+                save_random_lora(spec, Path(uri), seed=seed)
+                written.append(uri)
+    return written
 
 
 @catalog_app.command("validate")
@@ -409,6 +444,7 @@ def demo() -> None:
     settings = Settings()
     typer.echo(stack.stack_up(settings, DEPLOYMENTS).describe())
     ensure_tiny_models(settings)
+    ensure_tiny_adapters(settings)
     catalog_upload(SAMPLE_DIR, SAMPLE_CATALOG_PREFIX)
     run_nightly(catalog=f"s3://{settings.s3_bucket}/{SAMPLE_CATALOG_PREFIX}/catalog.parquet", force=False)
     outputs(run=None)

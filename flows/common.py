@@ -16,7 +16,7 @@ from prefect.runtime import flow_run
 from prefect.states import Failed, State
 
 from infra.settings import Settings
-from tasks.fleet import FleetStartError, connect_ray, plan_fleets
+from tasks.fleet import FleetStartError, actor_groups, connect_ray, plan_fleets
 from tasks.manifest import ManifestLocation
 from tasks.planning import Plan
 from tasks.publish import FinishingContext
@@ -142,11 +142,13 @@ def _render_clips(
     connect_ray(settings)
     gpus = int(ray.cluster_resources().get("GPU", 0))
     entries = rendering.entries
-    clip_counts = Counter(clip.model.family for clip in clips)
+    # One group of actors per loadout: a model, and the adapters its recipe fuses into the weights.
+    groups = actor_groups(clips, settings.adapter_slot_rank)
+    clip_counts = Counter(clip.loadout.name for clip in clips)
     for shape in plan_fleets(clip_counts, gpus, settings.cpu_actors_per_model, settings.actor_num_cpus):
-        batch_clips = [clip for clip in clips if clip.model.family in shape.actors]
+        batch_clips = [clip for clip in clips if clip.loadout.name in shape.actors]
         try:
-            fleet = start_fleet_task(shape, settings, run_id, finishing)
+            fleet = start_fleet_task(shape, groups, settings, run_id, finishing)
         except FleetStartError as err:
             logger.error("%s", err)
             entries += [failed_entry(clip, run_id, "load", str(err)) for clip in batch_clips]

@@ -77,6 +77,26 @@ class Settings(BaseSettings):
     model_cache_dir: Path = Field(
         DEFAULT_STATE_DIR / "models", description="local cache for weights fetched from S3"
     )
+    # Recipes and adapters (wan_engine/recipes.py, catalogs/adapters.toml).
+    default_recipe: str = Field(
+        "standard",
+        description="sampling recipe for rows that name none, where their model has it (else 'standard'): "
+        "'standard' (official steps and guidance) or 'lightx2v-4step' (A14B: 4 steps, no CFG, fused LoRA)",
+    )
+    adapter_registry: Path | None = Field(
+        None, description="TOML registry of adapters (LoRAs) rows may name; unset: catalogs/adapters.toml"
+    )
+    adapter_root: str = Field(
+        "s3://wanfactory/adapters/tiny",
+        description="folder or s3://bucket/prefix the registry's relative adapter file paths are under",
+    )
+    adapter_slot_rank: int = Field(
+        128,
+        ge=1,
+        le=1024,
+        description="rank of the per-clip adapter slot each generator makes when its clips name adapters: "
+        "the summed rank of one clip's adapters may not exceed it",
+    )
     default_text_model: str = Field("t2v-a14b", description="model for catalog rows without model or image")
     default_image_model: str = Field("i2v-a14b", description="model for catalog rows with an image")
     device: str = Field("auto", description="'auto' (cuda when present), 'cuda' or 'cpu'")

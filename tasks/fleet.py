@@ -34,8 +34,9 @@ from catalogs.sources import read_bytes
 from infra.objectstore import ObjectStore
 from infra.settings import ObjectStoreConfig, Settings
 from tasks.publish import Finisher, FinishingContext
-from tasks.records import ClipSpec, GeneratedClip, ManifestEntry, failed_entry
-from wan_engine import EngineOptions, WanGenerator, get_model_spec, model_location
+from tasks.records import ClipSpec, GeneratedClip, Loadout, ManifestEntry, failed_entry
+from wan_engine import AdapterWeights, EngineOptions, WanGenerator, get_model_spec, model_location
+from wan_engine.adapters import adapter_cache, local_adapter
 
 log = logging.getLogger(__name__)
 
@@ -107,6 +108,7 @@ class GeneratorActor:
         device: str,
         store_config: ObjectStoreConfig,
         options: EngineOptions,
+        fused_adapters: Sequence[AdapterWeights] = (),
     ) -> None:
         started = time.perf_counter()
         # Loading bars from many actors interleave into noise in the driver's log.
@@ -121,7 +123,9 @@ class GeneratorActor:
             cache_dir=cache_dir,
             client=self.store.client,
             options=options,
+            fused_adapters=fused_adapters,
         )
+        self.adapter_cache = adapter_cache(cache_dir)
         self.render_lock = threading.Lock()
         gpus = ray.get_gpu_ids()
         node = ray.get_runtime_context().get_node_id()[:8]
@@ -147,7 +151,10 @@ class GeneratorActor:
         """
         try:
             image = self._image(clip) if clip.image_uri else None
-            request = replace(clip.request, image=image)
+            adapters = tuple(
+                local_adapter(a, self.adapter_cache, self.store.client) for a in clip.request.adapters
+            )
+            request = replace(clip.request, image=image, adapters=adapters)
             prepared = self.generator.prepare(request) if self.generator.prepares_concurrently else None
             with self.render_lock:
                 started_at = datetime.now(UTC)
@@ -171,6 +178,7 @@ class GeneratorActor:
             started_at=started_at,
             prompt_tokens=video.prompt_tokens,
             prompt_tokens_kept=video.prompt_tokens_kept,
+            adapter_swap_seconds=video.adapter_swap_seconds,
         )
 
     def _image(self, clip: ClipSpec) -> Image.Image:
@@ -180,13 +188,72 @@ class GeneratorActor:
         return Image.open(io.BytesIO(data)).convert("RGB")
 
 
-def engine_options(settings: Settings) -> EngineOptions:
+def engine_options(settings: Settings, adapter_slot_rank: int = 0) -> EngineOptions:
     """The engine's fast exact defaults, plus any approximate mode the settings opt into."""
     return EngineOptions(
         attention_backend=settings.engine_attention_backend,
         step_cache_interval=settings.engine_step_cache_interval,
         fp8_matmuls=settings.engine_fp8_matmuls,
+        adapter_slot_rank=adapter_slot_rank,
     )
+
+
+@dataclass(frozen=True)
+class ActorGroup:
+    """The generator actors of one loadout (a model and its fused adapters), and whether they need a slot
+    for per-clip adapters (made at load, before compilation: only when a clip of theirs names adapters)."""
+
+    loadout: Loadout
+    adapter_slot_rank: int = 0
+
+
+def actor_groups(clips: Sequence[ClipSpec], slot_rank: int) -> dict[str, ActorGroup]:
+    """The actor groups ``clips`` need, by loadout name."""
+    loadouts = {clip.loadout.name: clip.loadout for clip in clips}
+    with_adapters = {clip.loadout.name for clip in clips if clip.request.adapters}
+    return {
+        name: ActorGroup(loadout, slot_rank if name in with_adapters else 0)
+        for name, loadout in sorted(loadouts.items())
+    }
+
+
+AdapterKey = tuple[tuple[str, str | None, float], ...]
+
+
+def adapter_key(clip: ClipSpec) -> AdapterKey:
+    """The per-clip adapters a clip needs in its actor's slot: clips with equal keys need no swap."""
+    return tuple(adapter.key for adapter in clip.request.adapters)
+
+
+class ClipQueue:
+    """One actor group's clips waiting for an actor, by the per-clip adapters they need.
+
+    An actor takes the clips of the adapters it holds while there are any, then the next set's: each
+    actor swaps adapters once per set at most, whatever order the rows came in.
+    """
+
+    def __init__(self, clips: Sequence[ClipSpec] = ()) -> None:
+        self._by_adapters: dict[AdapterKey, deque[ClipSpec]] = {}
+        for clip in sorted(clips, key=lambda c: len(adapter_key(c)) > 0):  # clips without adapters first
+            self._by_adapters.setdefault(adapter_key(clip), deque()).append(clip)
+
+    def __bool__(self) -> bool:
+        return any(self._by_adapters.values())
+
+    def _queue_for(self, holding: AdapterKey) -> deque[ClipSpec]:
+        held = self._by_adapters.get(holding)
+        return held if held else next(queue for queue in self._by_adapters.values() if queue)
+
+    def peek(self, holding: AdapterKey) -> ClipSpec:
+        """The clip :meth:`take` would give an actor holding ``holding``."""
+        return self._queue_for(holding)[0]
+
+    def take(self, holding: AdapterKey) -> ClipSpec:
+        return self._queue_for(holding).popleft()
+
+    def put_back(self, clip: ClipSpec) -> None:
+        """At the front of its set: it has waited its turn once already."""
+        self._by_adapters.setdefault(adapter_key(clip), deque()).appendleft(clip)
 
 
 @dataclass(frozen=True)
@@ -251,9 +318,10 @@ class FleetStartError(RuntimeError):
 class _Member:
     """One generator actor as the dispatcher sees it; kept across render batches."""
 
-    family: str
+    group: str  # the actor group's name (its loadout's)
     handle: ray.actor.ActorHandle
     worker: str
+    holding: AdapterKey = ()  # the per-clip adapters of the last clip sent to it
     # A call that answers once Ray has restarted the actor and its model is loaded again.
     restart: ray.ObjectRef | None = None
     restart_since: float = 0.0
@@ -268,8 +336,14 @@ class GenerationFleet:
     """Generator actors for some models, and the loop that streams clips through them."""
 
     def __init__(
-        self, shape: FleetShape, settings: Settings, run_id: str, finishing: FinishingContext
+        self,
+        shape: FleetShape,
+        groups: Mapping[str, ActorGroup],
+        settings: Settings,
+        run_id: str,
+        finishing: FinishingContext,
     ) -> None:
+        """``shape.actors`` counts actors by group name; ``groups`` says what each group's actors load."""
         self.run_id = run_id
         self.store_config = settings.object_store()
         self.finishing_budget_bytes = int(
@@ -298,19 +372,20 @@ class GenerationFleet:
             scheduling_strategy="SPREAD",
         )
         self.actors: dict[str, list[ray.actor.ActorHandle]] = {
-            family: [
+            name: [
                 actor_class.remote(
-                    family,
+                    groups[name].loadout.family,
                     settings.model_variant,
                     settings.model_root,
                     settings.model_cache_dir,
                     settings.device,
                     self.store_config,
-                    engine_options(settings),
+                    engine_options(settings, groups[name].adapter_slot_rank),
+                    groups[name].loadout.fused_adapters,
                 )
                 for _ in range(count)
             ]
-            for family, count in shape.actors.items()
+            for name, count in shape.actors.items()
         }
         # Wait for every model to load, so a broken model is one clear error and not one per clip.
         try:
@@ -322,10 +397,10 @@ class GenerationFleet:
             ) from err
         # Seconds each actor took to load and warm up its model, by worker (restarts not included).
         self.load_seconds = {worker: seconds for worker, seconds, _ in loaded}
-        handles = [(family, actor) for family, actors in self.actors.items() for actor in actors]
+        handles = [(name, actor) for name, actors in self.actors.items() for actor in actors]
         self._members = [
-            _Member(family, actor, worker)
-            for (family, actor), (worker, _, _) in zip(handles, loaded, strict=True)
+            _Member(name, actor, worker)
+            for (name, actor), (worker, _, _) in zip(handles, loaded, strict=True)
         ]
         log.info(
             "fleet ready actors=%s load_seconds=%s attention=%s",
@@ -336,10 +411,10 @@ class GenerationFleet:
 
     def run(self, clips: Sequence[ClipSpec]) -> Iterator[ManifestEntry]:
         """Generate, encode and publish ``clips``; yields each clip's manifest entry as it finishes."""
-        queues = {family: deque(c for c in clips if c.model.family == family) for family in self.actors}
-        unknown = [c for c in clips if c.model.family not in self.actors]
+        queues = {name: ClipQueue([c for c in clips if c.loadout.name == name]) for name in self.actors}
+        unknown = [c for c in clips if c.loadout.name not in self.actors]
         for clip in unknown:
-            yield failed_entry(clip, self.run_id, "generate", f"no actor holds {clip.model.name}")
+            yield failed_entry(clip, self.run_id, "generate", f"no actor holds {clip.loadout.name}")
         lost: dict[str, list[str]] = {}  # clip id -> why each of its lost attempts was lost
         in_flight = {id(member): 0 for member in self._members}  # clips sent and not answered yet
         generating: dict[ray.ObjectRef, tuple[ClipSpec, _Member, ray.ObjectRef]] = {}
@@ -351,7 +426,7 @@ class GenerationFleet:
             # Back-pressure counts the actors that will serve again, restarting ones included.
             floor = FINISHING_PER_ACTOR * sum(not m.gone for m in self._members)
             for member in self._members:
-                queue = queues[member.family]
+                queue = queues[member.group]
                 while (
                     queue
                     and member.serving
@@ -360,12 +435,13 @@ class GenerationFleet:
                     and admits_generation(
                         [s for s, _, _ in generating.values()],
                         [c for c, _ in finishing.values()],
-                        queue[0],
+                        queue.peek(member.holding),
                         self.finishing_budget_bytes,
                         floor,
                     )
                 ):
-                    clip = queue.popleft()
+                    clip = queue.take(member.holding)
+                    member.holding = adapter_key(clip)
                     done, frames = member.handle.generate.remote(clip)
                     generating[done] = (clip, member, frames)
                     in_flight[id(member)] += 1
@@ -410,7 +486,7 @@ class GenerationFleet:
         self,
         ref: ray.ObjectRef,
         clip: ClipSpec,
-        queues: dict[str, deque[ClipSpec]],
+        queues: dict[str, ClipQueue],
         lost: dict[str, list[str]],
     ) -> ManifestEntry | None:
         """The clip's entry from its finisher, or None when its frames were lost and it is queued again."""
@@ -428,7 +504,7 @@ class GenerationFleet:
         self,
         clip: ClipSpec,
         err: ray.exceptions.RayError,
-        queues: dict[str, deque[ClipSpec]],
+        queues: dict[str, ClipQueue],
         lost: dict[str, list[str]],
     ) -> ManifestEntry | None:
         """Queue a clip again after an attempt lost with its actor; once retries are spent, its failure."""
@@ -442,8 +518,7 @@ class GenerationFleet:
                 len(errors),
                 type(err).__name__,
             )
-            # At the front: it has waited its turn once already.
-            queues[clip.model.family].appendleft(clip)
+            queues[clip.loadout.name].put_back(clip)
             return None
         reason = f"lost with its generator actor on all {len(errors)} attempts; last: {errors[-1]}"
         log.error("clip failed clip_id=%s of=%s stage=generate reason=%s", clip.clip_id, clip.label, reason)
@@ -471,6 +546,7 @@ class GenerationFleet:
                 "generator actor gone worker=%s error=%s", member.worker, f"{type(err).__name__}: {err}"
             )
             return
+        member.holding = ()  # a new process: its adapter slot starts empty
         log.info("generator actor restarted worker=%s", member.worker)
 
     def _restart_wait(self) -> float | None:
@@ -489,14 +565,14 @@ class GenerationFleet:
                 member.restart, member.gone = None, True
 
     def _fail_orphans(
-        self, queues: dict[str, deque[ClipSpec]], lost: dict[str, list[str]]
+        self, queues: dict[str, ClipQueue], lost: dict[str, list[str]]
     ) -> Iterator[ManifestEntry]:
-        """Fail the queued clips of models whose actors are all gone: nothing is left to make them."""
-        for family, queue in queues.items():
-            if queue and all(m.gone for m in self._members if m.family == family):
+        """Fail the queued clips of groups whose actors are all gone: nothing is left to make them."""
+        for name, queue in queues.items():
+            if queue and all(m.gone for m in self._members if m.group == name):
                 while queue:
-                    clip = queue.popleft()
-                    reason = f"no generator actor of {family} is left: all died and could not be restarted"
+                    clip = queue.take(())
+                    reason = f"no generator actor of {name} is left: all died and could not be restarted"
                     # A clip queued again after lost attempts: each of them was followed by a retry.
                     errors = lost.get(clip.clip_id)
                     details = {"attempts": len(errors), "retried_after": list(errors)} if errors else {}

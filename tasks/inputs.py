@@ -11,15 +11,18 @@ from collections.abc import Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+from minio.error import S3Error
 from PIL import Image
 
+from catalogs.adapters import AdapterRegistry
 from catalogs.problems import InputError, InvalidValue
 from catalogs.rules import locale_tag
 from catalogs.sources import read_bytes
 from infra.objectstore import ObjectStore
 from infra.settings import Settings
-from tasks.planning import ImageCheck, PlanningRules, model_defaults
+from tasks.planning import AdapterCheck, ImageCheck, PlanningRules, adapter_registry, model_defaults
 from tasks.postproduction import Postproduction
+from wan_engine.adapters import adapter_digest
 from wan_engine.specs import MODEL_FAMILIES, get_model_spec
 from wan_engine.weights import model_location, model_version
 
@@ -93,4 +96,25 @@ def planning_rules(settings: Settings, postproduction: Postproduction, store: Ob
         prompt_policy=postproduction.prompt_policy,
         default_locale=_default_locale(settings),
         model_versions=versions,
+        default_recipe=settings.default_recipe,
+        adapters=(registry := adapter_registry(settings)),
+        adapter_checks=check_adapters(registry, store),
     )
+
+
+def check_adapters(registry: AdapterRegistry, store: ObjectStore) -> dict[str, AdapterCheck]:
+    """Every registered adapter's digest (an ETag listing, or a hash of local files), or why its files
+    cannot be read: a missing file fails the rows that name the adapter, not the run."""
+    checks = {}
+    for name, entry in registry.entries.items():
+        files = entry.files(registry.root)
+        try:
+            checks[name] = AdapterCheck(digest=adapter_digest(files, store.client))
+        except FileNotFoundError as err:
+            checks[name] = AdapterCheck(problem=f"no adapter file at {err.filename}")
+        except S3Error as err:
+            if err.code not in ("NoSuchKey", "NoSuchBucket"):
+                raise  # the store's own failure (credentials, outage): the run's, not the row's
+            uri = next(uri for _, uri in files if err.object_name and uri.endswith(err.object_name))
+            checks[name] = AdapterCheck(problem=f"no adapter file at {uri}")
+    return checks

@@ -15,6 +15,13 @@ from collections.abc import Collection, Mapping
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
+from catalogs.adapters import (
+    AdapterAsk,
+    AdapterRegistry,
+    adapter_problems,
+    load_adapter_registry,
+    with_trigger_words,
+)
 from catalogs.problems import RowProblem, RowRef
 from catalogs.prompts import product_prompt
 from catalogs.rules import ModelDefaults, product_seed
@@ -24,8 +31,10 @@ from infra.settings import Settings
 from tasks.postprod.content_filter import PromptPolicy
 from tasks.postprod.profile import PostprocessProfile, load_profiles
 from tasks.records import ClipSpec, ClipStatus, ManifestEntry
+from wan_engine.adapters import AdapterWeights
+from wan_engine.recipes import STANDARD, UnknownRecipeError, get_recipe, recipe_names
 from wan_engine.requests import GenerationRequest, request_problems, resolve_request
-from wan_engine.specs import UnknownModelError
+from wan_engine.specs import ModelSpec, UnknownModelError
 
 # The engine's request fields, as catalogs and sheets call them.
 _SOURCE_FIELD = {"image": "image_uri", "size": "size", "prompt": "prompt", "seed": "seed"}
@@ -39,12 +48,25 @@ def model_defaults(settings: Settings) -> ModelDefaults:
     )
 
 
+def adapter_registry(settings: Settings) -> AdapterRegistry:
+    return load_adapter_registry(settings.adapter_registry, settings.adapter_root)
+
+
 def sheet_rules(settings: Settings) -> SheetRules:
     """How every reader of a prompt sheet (``ab submit``, the intake watcher, the run) checks it."""
     return SheetRules(
         models=model_defaults(settings),
         postprocess_profiles=frozenset(load_profiles(settings.postprocess_profiles_path)),
+        adapters=adapter_registry(settings),
     )
+
+
+@dataclass(frozen=True, kw_only=True)
+class AdapterCheck:
+    """What reading a registered adapter's files found: their digest, or why they cannot be used."""
+
+    digest: str | None = None
+    problem: str | None = None  # "no file at ...", "access denied ..."
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -58,6 +80,16 @@ class PlanningRules:
     default_locale: str = "en"
     # family -> digest of the weights it loads (wan_engine.model_version): new weights, new clip ids.
     model_versions: Mapping[str, str | None] = field(default_factory=dict)
+    default_recipe: str = STANDARD  # for rows that name none, where their model has it
+    adapters: AdapterRegistry = field(default_factory=lambda: AdapterRegistry({}, ""))
+    # registry name -> what reading its files found (digests go into clip ids): new bytes, new clips.
+    adapter_checks: Mapping[str, AdapterCheck] = field(default_factory=dict)
+
+    def recipe_for(self, spec: ModelSpec, asked: str | None) -> str:
+        """The row's recipe, or the run's default where the model has it, else ``standard``."""
+        if asked:
+            return asked
+        return self.default_recipe if self.default_recipe in recipe_names(spec) else STANDARD
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -120,6 +152,8 @@ class ClipInputs:
     request: GenerationRequest  # as the row asks; None fields take the model's defaults
     image_uri: str | None
     profile: str
+    recipe: str | None = None  # None: the run's default
+    adapters: tuple[AdapterAsk, ...] = ()  # (registry name, scale or None for its default)
 
     @property
     def identity(self) -> dict[str, object]:
@@ -151,8 +185,17 @@ def plan_inputs(
     if profile is None:
         known = ", ".join(sorted(rules.profiles))
         return [inputs.problem("postprocess_profile", f"unknown profile {inputs.profile!r}; known: {known}")]
-    request = resolve_request(spec, inputs.request)
-    problems = [
+    fused, adapters, problems = _adapters(inputs, spec, rules)
+    prompt = inputs.request.prompt
+    if adapters:
+        prompt = with_trigger_words(prompt, inputs.adapters, rules.adapters)
+    request = resolve_request(
+        spec,
+        replace(
+            inputs.request, prompt=prompt, recipe=rules.recipe_for(spec, inputs.recipe), adapters=adapters
+        ),
+    )
+    problems += [
         inputs.problem(_SOURCE_FIELD.get(p.field, p.field), p.message)
         for p in request_problems(spec, request, has_image=inputs.image_uri is not None)
     ]
@@ -174,7 +217,11 @@ def plan_inputs(
         "fps": spec.fps,
         "image_sha256": image_sha256,
         "postprocess": profile.digest(),
-        **{k: v for k, v in asdict(request).items() if k != "image"},
+        # Only when not the defaults, so that clips made before recipes and adapters keep their ids.
+        **({"recipe": request.recipe} if request.recipe != STANDARD else {}),
+        **({"recipe_adapters": [list(a.key) for a in fused]} if fused else {}),
+        **({"adapters": [list(a.key) for a in request.adapters]} if request.adapters else {}),
+        **{k: v for k, v in asdict(request).items() if k not in ("image", "recipe", "adapters")},
     }
     return ClipSpec(
         clip_id=clip_id_for(determinants),
@@ -185,7 +232,46 @@ def plan_inputs(
         image_uri=inputs.image_uri,
         image_sha256=image_sha256,
         profile=profile.name,
+        fused_adapters=fused,
     )
+
+
+def _adapters(
+    inputs: ClipInputs, spec: ModelSpec, rules: PlanningRules
+) -> tuple[tuple[AdapterWeights, ...], tuple[AdapterWeights, ...], list[RowProblem]]:
+    """The adapters the clip's recipe fuses and those it asks for, with their digests; or the problems."""
+    problems = []
+    fused = []
+    try:
+        recipe = get_recipe(spec, rules.recipe_for(spec, inputs.recipe))
+    except UnknownRecipeError:
+        recipe = None  # request_problems names it
+    for name, scale in recipe.fused_adapters if recipe else ():
+        entry = rules.adapters.entries.get(name)
+        check = rules.adapter_checks.get(name)
+        if entry is None or entry.family != spec.family:
+            problems.append(
+                inputs.problem("recipe", f"{recipe.name} needs adapter {name}, not in the registry")
+            )
+        elif check is None or check.problem:
+            why = check.problem if check else "its files were not read"
+            problems.append(inputs.problem("recipe", f"{recipe.name} needs adapter {name}: {why}"))
+        else:
+            fused.append(rules.adapters.weights(name, scale, check.digest))
+    asked = []
+    problems += [
+        inputs.problem("adapters", p) for p in adapter_problems(spec, inputs.adapters, rules.adapters)
+    ]
+    if not problems:
+        for name, scale in inputs.adapters:
+            check = rules.adapter_checks.get(name)
+            if check is None or check.problem:
+                why = check.problem if check else "its files were not read"
+                problems.append(inputs.problem("adapters", f"{name}: {why}"))
+            else:
+                default = rules.adapters.entries[name].default_scale
+                asked.append(rules.adapters.weights(name, default if scale is None else scale, check.digest))
+    return tuple(fused), tuple(asked), problems
 
 
 def catalog_inputs(row: CatalogRow, rules: PlanningRules) -> ClipInputs:
@@ -205,6 +291,8 @@ def catalog_inputs(row: CatalogRow, rules: PlanningRules) -> ClipInputs:
         ),
         image_uri=row.image_uri,
         profile=row.postprocess_profile or rules.default_profile,
+        recipe=row.recipe,
+        adapters=row.adapters,
     )
 
 
@@ -329,6 +417,8 @@ def plan_sheet(
             ),
             image_uri=variant.image_uri,
             profile=variant.postprocess_profile or rules.default_profile,
+            recipe=variant.recipe,
+            adapters=variant.adapters,
         )
         image = images.get(variant.image_uri) if variant.image_uri else None
         triage.add(inputs, plan_inputs(inputs, rules, image), None)

@@ -30,6 +30,7 @@ import pyarrow as pa
 
 from catalogs.problems import RowRef
 from tasks.postprod.report import StageReport
+from wan_engine.adapters import AdapterWeights
 from wan_engine.cost import estimated_gpu_seconds
 from wan_engine.requests import GenerationRequest
 from wan_engine.specs import ModelSpec
@@ -63,6 +64,13 @@ class ClipSpec:
     image_uri: str | None = None
     image_sha256: str | None = None
     profile: str  # the post-production profile's name
+    # The adapters the clip's recipe needs fused into its generator's weights (a distillation LoRA):
+    # clips are served by actors loaded with exactly these (:attr:`loadout`).
+    fused_adapters: tuple[AdapterWeights, ...] = ()
+
+    @property
+    def loadout(self) -> Loadout:
+        return Loadout(family=self.model.family, fused_adapters=self.fused_adapters)
 
     @property
     def row(self) -> int:
@@ -116,6 +124,20 @@ class ClipSpec:
 
 
 @dataclass(frozen=True, kw_only=True)
+class Loadout:
+    """What a generator actor loads: a model family and the adapters fused into its weights. Clips of one
+    loadout can share an actor; per-clip adapters are swapped in between clips and are not part of it."""
+
+    family: str
+    fused_adapters: tuple[AdapterWeights, ...] = ()
+
+    @property
+    def name(self) -> str:
+        """``t2v-a14b``, or ``t2v-a14b+<adapter>`` with fused adapters: for logs and fleet shapes."""
+        return "+".join([self.family, *(adapter.name for adapter in self.fused_adapters)])
+
+
+@dataclass(frozen=True, kw_only=True)
 class GeneratedClip:
     """A generator actor's answer for one clip: frames, or the error that stopped it."""
 
@@ -128,6 +150,7 @@ class GeneratedClip:
     started_at: datetime | None = None  # when the clip took its actor's GPU (UTC)
     prompt_tokens: int | None = None  # the prompt's text-encoder tokens, and how many the encoder read
     prompt_tokens_kept: int | None = None
+    adapter_swap_seconds: float | None = None  # swapping the clip's adapters in, when it had to
     error: str | None = None
 
     @property
@@ -200,6 +223,10 @@ class ManifestEntry:
     prompt_tokens: int | None = None
     prompt_tokens_kept: int | None = None
     engine_mode: str | None = None  # "exact", or the opt-in approximations that made the clip
+    recipe: str | None = None  # the sampling recipe (wan_engine.recipes)
+    # Adapters: the recipe's fused ones and the clip's own, each {name, scale, digest, fused}.
+    adapters: list[dict[str, Any]] = field(default_factory=list)
+    adapter_swap_seconds: float | None = None  # the generator swapped adapters in for this clip
     # What the clip holds (or would hold) one H100 for, from the benchmarks (wan_engine.cost).
     estimated_gpu_seconds: float | None = None
     profile: str | None = None  # the post-production profile
@@ -249,6 +276,12 @@ class ManifestEntry:
             fps=clip.model.fps,
             profile=clip.profile,
             estimated_gpu_seconds=round(estimated_gpu_seconds(clip.model, request), 2),
+            recipe=request.recipe,
+            adapters=[
+                {"name": a.name, "scale": a.scale, "digest": a.digest, "fused": fused}
+                for fused, group in ((True, clip.fused_adapters), (False, request.adapters))
+                for a in group
+            ],
             **details,
         )
 
@@ -281,6 +314,7 @@ class ManifestEntry:
             engine_mode=generated.engine_mode,
             prompt_tokens=generated.prompt_tokens,
             prompt_tokens_kept=generated.prompt_tokens_kept,
+            adapter_swap_seconds=generated.adapter_swap_seconds,
             **details,
         )
 

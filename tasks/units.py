@@ -8,7 +8,7 @@ batch of ``clips_per_task`` clips (a 10,000-row catalog is ~160 render tasks, no
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import replace
 from datetime import timedelta
 from pathlib import Path
@@ -31,7 +31,7 @@ from infra.objectstore import ObjectStore
 from infra.processes import wait_until
 from infra.settings import Settings
 from tasks.experiments import ExperimentOutputs, experiment_markdown, write_experiment_outputs
-from tasks.fleet import FleetShape, GenerationFleet
+from tasks.fleet import ActorGroup, FleetShape, GenerationFleet
 from tasks.inputs import check_images, local_image_roots, planning_rules
 from tasks.manifest import (
     ManifestLocation,
@@ -184,9 +184,13 @@ def plan_task(
 # Loading models takes minutes at real size: its own task, so the UI shows where the time goes.
 @task(cache_policy=NO_CACHE)
 def start_fleet_task(
-    shape: FleetShape, settings: Settings, run_id: str, finishing: FinishingContext
+    shape: FleetShape,
+    groups: Mapping[str, ActorGroup],
+    settings: Settings,
+    run_id: str,
+    finishing: FinishingContext,
 ) -> GenerationFleet:
-    fleet = GenerationFleet(shape, settings, run_id, finishing)
+    fleet = GenerationFleet(shape, groups, settings, run_id, finishing)
     get_run_logger().info(
         "generator actors ready: %s",
         ", ".join(f"{worker} (loaded in {seconds:.1f} s)" for worker, seconds in fleet.load_seconds.items()),

@@ -53,6 +53,7 @@ def settings(s3_server, tmp_path_factory) -> Iterator[Settings]:
         "WANFACTORY_S3_SECRET_KEY": s3_server.config.secret_key,
         "WANFACTORY_S3_BUCKET": TEST_BUCKET,
         "WANFACTORY_MODEL_ROOT": f"s3://{TEST_BUCKET}/models/tiny",
+        "WANFACTORY_ADAPTER_ROOT": f"s3://{TEST_BUCKET}/adapters/tiny",
         "WANFACTORY_MODEL_VARIANT": "tiny",
         "WANFACTORY_MODEL_CACHE_DIR": str(tmp_path_factory.mktemp("model-cache")),
         "WANFACTORY_STATE_DIR": str(tmp_path_factory.mktemp("state")),
@@ -78,9 +79,11 @@ def store(settings) -> ObjectStore:
 
 @pytest.fixture(scope="session")
 def tiny_models(settings, store) -> list[str]:
-    """The tiny models, uploaded to the object store so actors load them from an S3 prefix."""
-    from flows.cli import ensure_tiny_models
+    """The tiny models, uploaded to the object store so actors load them from an S3 prefix, and tiny files
+    for every registered adapter."""
+    from flows.cli import ensure_tiny_adapters, ensure_tiny_models
 
+    ensure_tiny_adapters(settings)
     return ensure_tiny_models(settings)
 
 

@@ -162,6 +162,7 @@ def test_configmap_values_are_valid_settings(monkeypatch: pytest.MonkeyPatch) ->
     settings = Settings(_env_file=None)
     assert settings.model_variant == "full"
     assert settings.model_root.startswith(f"s3://{settings.s3_bucket}/")
+    assert settings.adapter_root.startswith(f"s3://{settings.s3_bucket}/")
     assert settings.catalog_uri.startswith(f"s3://{settings.s3_bucket}/")
 
 

@@ -159,7 +159,7 @@ def test_xlsx_bad_rows_name_row_and_column_as_written(xlsx_read):
     assert [str(w) for w in xlsx_read.warnings] == [
         "column 'Owner': is not a prompt-sheet column, so column L is ignored; the columns are "
         "experiment_id, variant_id, prompt, template, subject, style, negative_prompt, model, seeds, "
-        "samples, aspect_ratio, size, image_uri, postprocess_profile, notes",
+        "samples, aspect_ratio, size, image_uri, postprocess_profile, recipe, adapters, notes",
         "column 'N': has no header, so its 1 value(s) are ignored",
     ]
 

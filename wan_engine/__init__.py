@@ -33,7 +33,7 @@ logging.getLogger("transformers.utils.import_utils").setLevel(logging.ERROR)
 
 if TYPE_CHECKING:
     from wan_engine.generator import EngineOptions, GeneratedVideo, WanGenerator, pick_device
-    from wan_engine.random_weights import build_random_pipeline, save_random_pipeline
+    from wan_engine.random_weights import build_random_pipeline, save_random_lora, save_random_pipeline
 
 # The names that need torch and diffusers, by the module that defines them.
 _HEAVY = {
@@ -43,6 +43,7 @@ _HEAVY = {
     "pick_device": "wan_engine.generator",
     "build_random_pipeline": "wan_engine.random_weights",
     "save_random_pipeline": "wan_engine.random_weights",
+    "save_random_lora": "wan_engine.random_weights",
 }
 
 
@@ -82,6 +83,7 @@ __all__ = [
     "pick_device",
     "request_problems",
     "resolve_request",
+    "save_random_lora",
     "save_random_pipeline",
     "split_s3_uri",
 ]

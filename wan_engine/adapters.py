@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from wan_engine.specs import ModelSpec
-from wan_engine.weights import split_s3_uri
+from wan_engine.weights import materialize_file, split_s3_uri
 
 if TYPE_CHECKING:
     from minio import Minio
@@ -44,6 +44,18 @@ class AdapterWeights:
     def key(self) -> tuple[str, str | None, float]:
         """What makes two uses of an adapter the same: name, bytes and scale."""
         return self.name, self.digest, self.scale
+
+
+def adapter_cache(model_cache_dir: Path) -> Path:
+    """Where adapter files fetched from an object store are kept, beside the weights."""
+    return Path(model_cache_dir) / "adapters"
+
+
+def local_adapter(adapter: AdapterWeights, cache_dir: Path, client: Minio | None = None) -> AdapterWeights:
+    """``adapter`` with every file a local path: ``s3://`` files fetched into ``cache_dir`` once per host
+    (again only when their ETag changes)."""
+    files = tuple((expert, str(materialize_file(uri, cache_dir, client))) for expert, uri in adapter.files)
+    return AdapterWeights(name=adapter.name, files=files, scale=adapter.scale, digest=adapter.digest)
 
 
 # Local files already hashed in this process, by (path, size, mtime): a nightly run digests each

@@ -2,8 +2,9 @@
 
 Seconds for a whole clip in exact mode on one H100 80GB (text encoding, denoising, decode), for each
 model at the sizes measured, at the model's official steps and frames. Other steps and frames scale
-linearly; other sizes scale with the pixel count to the power 1.75, what T2V-A14B showed between 480p
-and 720p (attention grows faster than the rest). An estimate for planning and cost, not a promise.
+linearly, per expert forward (a recipe without classifier-free guidance runs one a step, not two);
+other sizes scale with the pixel count to the power 1.75, what T2V-A14B showed between 480p and 720p
+(attention grows faster than the rest). An estimate for planning and cost, not a promise.
 """
 
 from __future__ import annotations
@@ -30,6 +31,12 @@ def estimated_gpu_seconds(model: ModelSpec, request: GenerationRequest) -> float
     measured = {size: seconds for (family, size), seconds in H100_SECONDS.items() if family == model.family}
     nearest = min(measured, key=lambda size: abs(size - pixels))
     seconds = measured[nearest] * (pixels / nearest) ** PIXEL_EXPONENT
-    steps = (request.steps or model.steps) / measured_at.steps
+    # Measured with classifier-free guidance: two expert forwards a step. A recipe without it runs one.
+    forwards = (request.steps or model.steps) * (2 if _guided(request) else 1) / (2 * measured_at.steps)
     frames = (request.num_frames or model.num_frames) / measured_at.num_frames
-    return seconds * steps * frames
+    return seconds * forwards * frames
+
+
+def _guided(request: GenerationRequest) -> bool:
+    scales = (request.guidance_scale, request.guidance_scale_2)
+    return request.guidance_scale is None or any(s is not None and s != 1.0 for s in scales)

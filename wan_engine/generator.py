@@ -35,7 +35,7 @@ from diffusers import (
     WanImageToVideoPipeline,
 )
 
-from wan_engine.adapters import AdapterWeights
+from wan_engine.adapters import AdapterWeights, adapter_cache, local_adapter
 from wan_engine.attention import AUTO, resolve_attention_backend
 from wan_engine.lora import AdapterSlot, fuse_adapters
 from wan_engine.memory import ExpertSlot, HostResidentModule, gpu_memory_budget, plan_memory
@@ -49,7 +49,7 @@ from wan_engine.requests import (
     resolve_request,
 )
 from wan_engine.specs import ModelSpec
-from wan_engine.weights import materialize, materialize_file
+from wan_engine.weights import materialize
 
 if TYPE_CHECKING:
     from minio import Minio
@@ -283,16 +283,7 @@ class WanGenerator:
         target = pick_device(device)
         cache_dir = cache_dir or Path.home() / ".cache" / "wanfactory"
         folder = materialize(str(location), cache_dir, client)
-        fused_adapters = [
-            replace(
-                adapter,
-                files=tuple(
-                    (expert, str(materialize_file(uri, cache_dir / "adapters", client)))
-                    for expert, uri in adapter.files
-                ),
-            )
-            for adapter in fused_adapters
-        ]
+        fused_adapters = [local_adapter(a, adapter_cache(cache_dir), client) for a in fused_adapters]
         dtype = torch.bfloat16 if target.type == "cuda" else torch.float32
         options = options or EngineOptions()
         vae_dtype = options.vae_dtype or dtype

@@ -89,3 +89,39 @@ def save_random_pipeline(spec: ModelSpec, out_dir: Path, seed: int = 0) -> Path:
     folder = Path(out_dir) / spec.folder
     build_random_pipeline(spec, seed).save_pretrained(folder)
     return folder
+
+
+def random_lora_state_dict(
+    spec: ModelSpec, rank: int, seed: int = 0, dtype: torch.dtype = torch.float32, std: float = 0.02
+) -> dict[str, torch.Tensor]:
+    """A random rank-``rank`` LoRA for one of ``spec``'s transformers, in diffusers' (PEFT) layout, on the
+    layers published Wan LoRAs train (``wan_engine.lora.SLOT_TARGETS`` of every block): the stand-in for
+    a distillation or brand LoRA where none can be downloaded, at any size."""
+    from wan_engine.lora import SLOT_TARGETS
+
+    arch = spec.architecture.transformer
+    width = arch["num_attention_heads"] * arch["attention_head_dim"]
+    shapes = dict.fromkeys(SLOT_TARGETS, (width, width))  # (in, out)
+    shapes["ffn.net.0.proj"] = (width, arch["ffn_dim"])
+    shapes["ffn.net.2"] = (arch["ffn_dim"], width)
+    generator = torch.Generator().manual_seed(seed)
+    state = {}
+    for block in range(arch["num_layers"]):
+        for target, (fan_in, fan_out) in shapes.items():
+            prefix = f"transformer.blocks.{block}.{target}"
+            state[f"{prefix}.lora_A.weight"] = (torch.randn(rank, fan_in, generator=generator) * std).to(
+                dtype
+            )
+            state[f"{prefix}.lora_B.weight"] = (torch.randn(fan_out, rank, generator=generator) * std).to(
+                dtype
+            )
+    return state
+
+
+def save_random_lora(spec: ModelSpec, path: Path, rank: int = 4, seed: int = 0) -> Path:
+    """:func:`random_lora_state_dict` saved as a ``.safetensors`` file at ``path``."""
+    from safetensors.torch import save_file
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file(random_lora_state_dict(spec, rank, seed), str(path))
+    return path
