@@ -2,9 +2,12 @@
 # Pack what the GPU image lacks into carries for the device tool.
 #
 # bench/gpu-bundle.sh engine: one carry, .gpu/engine, for python3 -m bench.engine and bench.attention:
-#   diffusers, ftfy, the kernels package diffusers checks for, and FlashAttention's CuTe-DSL kernels
-#   as infra/flash_attention.sh installs them. Start the run with `source .gpu/engine/add.sh`: it
-#   unpacks into /tmp/site and sets PYTHONPATH.
+#   diffusers, ftfy, the kernels package diffusers checks for, peft (diffusers' LoRA backend), and
+#   FlashAttention's CuTe-DSL kernels as infra/flash_attention.sh installs them. Start the run with
+#   `source .gpu/engine/add.sh`: it unpacks into /tmp/site and sets PYTHONPATH.
+#
+# peft: the image lists one, of a version nobody has read there; the engine needs >= 0.17 (pyproject)
+# for its adapters, so both carries bring the version the CPU tests run (PEFT_VERSION).
 #
 # bench/gpu-bundle.sh [fleet]: for python3 -m bench.fleet and bench.context_parallel, two carries:
 #   .gpu/a  diffusers, ftfy, c2pa-python and a static ffmpeg 7.0.2 (imageio-ffmpeg 0.6.0's, with
@@ -15,6 +18,7 @@
 # .gpu/b in the run right after (the machine keeps /tmp for ~30 s between runs); start the runs
 # with `bash .gpu/a/add.sh` and `bash .gpu/b/add.sh`; both unpack into /tmp/site.
 set -euo pipefail
+PEFT_VERSION=0.21.2
 root=$(git rev-parse --show-toplevel)
 # The packages the device's GPU image already has (names, listed there in 2026-11): not packed again.
 image_packages="$root/bench/gpu-image-packages.txt"
@@ -30,7 +34,7 @@ download() {
 }
 if [ "${1:-fleet}" = engine ]; then
   # No dependencies: the image has diffusers' own, and kernels is only checked for by version.
-  download --no-deps -d "$tmp/whl" diffusers==0.42.1 ftfy wcwidth kernels==0.17.2
+  download --no-deps -d "$tmp/whl" diffusers==0.42.1 ftfy wcwidth kernels==0.17.2 "peft==$PEFT_VERSION"
   for w in "$tmp"/whl/*.whl; do unzip -q -o "$w" -d "$tmp/site"; done
   bash "$root/infra/flash_attention.sh" "$tmp/site" --python-version 3.12 --implementation cp \
     --only-binary=:all: --ignore-requires-python "${plat[@]}" 2> >(grep -v "^WARNING: Location" >&2)
@@ -51,7 +55,8 @@ fi
 
 download -d "$tmp/whl" diffusers==0.42.1 ftfy ray==2.60.0 'minio<8' ffmpeg-python prefect==3.8.8 \
   'fastapi>=0.139,<0.151' 'sqlalchemy<2.1' 'moto[s3]==5.2.1' flask flask-cors nudenet==3.4.2 \
-  invisible-watermark==0.2.0 PyWavelets c2pa-python==0.38.0 openpyxl pydantic-settings typer
+  invisible-watermark==0.2.0 PyWavelets c2pa-python==0.38.0 openpyxl pydantic-settings typer \
+  "peft==$PEFT_VERSION"
 download --no-deps -d "$tmp/ffmpeg" imageio-ffmpeg==0.6.0
 
 norm() { echo "$1" | tr 'A-Z_.' 'a-z--'; }
@@ -59,8 +64,8 @@ for w in "$tmp"/whl/*.whl; do
   n=$(norm "$(basename "$w" | cut -d- -f1)")
   # The image has torch, CUDA and OpenCV (headless); imageio-ffmpeg's newest ffmpeg is too big to carry.
   case "$n" in torch|triton|nvidia-*|opencv-python|imageio-ffmpeg) continue ;; esac
-  grep -qx "$n" "$image_packages" && continue
-  case "$n" in diffusers|ftfy|wcwidth|c2pa-python) dest=a ;; *) dest=b ;; esac
+  [ "$n" != peft ] && grep -qx "$n" "$image_packages" && continue
+  case "$n" in diffusers|ftfy|wcwidth|c2pa-python|peft) dest=a ;; *) dest=b ;; esac
   mkdir -p "$tmp/$dest"; unzip -q -o "$w" -d "$tmp/$dest"
 done
 mkdir -p "$tmp/a/bin"

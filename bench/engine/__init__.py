@@ -10,5 +10,8 @@ module here with a ``run`` function, over the shared helpers of ``bench.common``
 - ``streaming``: streamed experts against resident ones, bit for bit (``--streaming-check``);
 - ``throughput``: per-clip step time with 1 or 2 clips per forward (``--throughput``);
 - ``approximate``: the opt-in approximate modes against exact mode (``--approximate``);
+- ``distilled``: the 4-step distilled recipe with LoRA adapters: stock, stock with its speed-ups and
+  ours; the fused adapter's cost per step, the per-clip adapter slot's, swaps and recompilations
+  (``--distilled``);
 - ``summary``: ``engine-latest.{json,md}`` from the newest run of each config (``--summarize``).
 """

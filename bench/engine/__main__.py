@@ -2,6 +2,7 @@
 
     python -m bench.engine --config ti2v5b_720p [--steps N] [--out DIR]
     python -m bench.engine --config ti2v5b_720p --tiny --steps 2 --out DIR   # CPU smoke test
+    python -m bench.engine --config a14b_t2v_480p --distilled [--budget-s S] --out DIR
 
 Run from the repository root on the GPU machine (see bench/README.md for the exact commands used).
 One study per command, each a module of bench/engine/: by default ``compare``, one clip through
@@ -23,7 +24,16 @@ from pathlib import Path
 import torch
 
 from bench.common import device_name
-from bench.engine import approximate, compare, error, memory, streaming, summary, throughput
+from bench.engine import (
+    approximate,
+    compare,
+    distilled,
+    error,
+    memory,
+    streaming,
+    summary,
+    throughput,
+)
 from bench.real_size import CONFIGS
 
 
@@ -67,6 +77,17 @@ def main() -> None:
     parser.add_argument(
         "--modes", nargs="+", choices=sorted(approximate.MODES), help="with --approximate: these modes only"
     )
+    parser.add_argument(
+        "--distilled",
+        action="store_true",
+        help="the 4-step distilled recipe with LoRA adapters: stock, stock compiled and ours; adapter costs",
+    )
+    parser.add_argument(
+        "--budget-s",
+        type=float,
+        default=distilled.DEFAULT_BUDGET_S,
+        help="with --distilled: skip the adapter-cost parts that would end past this many seconds",
+    )
     parser.add_argument("--tiny", action="store_true", help="smoke-test the script on the tiny model (CPU)")
     parser.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", "bench/results")))
     args = parser.parse_args()
@@ -77,7 +98,9 @@ def main() -> None:
         parser.error("--config is required")
     print(f"{platform.node()} {device_name()} torch {torch.__version__}", flush=True)
     variant = "tiny" if args.tiny else "full"
-    if args.approximate:
+    if args.distilled:
+        distilled.run(args.config, args.out, variant, args.budget_s)
+    elif args.approximate:
         approximate.run(args.config, args.out, variant, args.modes)
     elif args.throughput:
         throughput.run(args.config, args.out)
