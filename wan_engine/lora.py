@@ -125,7 +125,9 @@ class AdapterSlot:
         biased = [key for key in state if key.endswith("lora_B.bias")]
         if biased:
             raise AdapterError(f"{path} carries bias deltas ({biased[0]}); use it fused, through a recipe")
-        alpha = (metadata or {}).get("lora_alpha")
+        # save_lora_weights writes the adapter config under the component's prefix (transformer.lora_alpha).
+        metadata = metadata or {}
+        alpha = metadata.get("transformer.lora_alpha", metadata.get("lora_alpha"))
         if alpha is not None:
             rank = next(t.shape[0] for k, t in state.items() if k.endswith("lora_A.weight"))
             state = {
