@@ -22,6 +22,7 @@ import logging
 import time
 from collections import OrderedDict
 from collections.abc import Mapping, Sequence
+from typing import NamedTuple
 
 import torch
 from diffusers import DiffusionPipeline
@@ -89,6 +90,15 @@ class AdapterError(ValueError):
     """Adapters that cannot go into the per-clip slot (too large a rank, layers it does not hold)."""
 
 
+class _Part(NamedTuple):
+    """One adapter's file for one expert, as the slot combines it."""
+
+    state: dict[str, torch.Tensor]
+    scale: float
+    name: str
+    rank: int
+
+
 class AdapterSlot:
     """One LoRA slot of a fixed rank in every expert, that clips' adapters are hot-swapped into."""
 
@@ -102,6 +112,7 @@ class AdapterSlot:
         self.loaded: tuple[tuple[str, str | None, float], ...] = ()  # the keys of the adapters in it
         self.swaps = 0
         self._state_dicts: OrderedDict[str, dict[str, torch.Tensor]] = OrderedDict()
+        self._device = next(iter(self.experts.values())).device
 
     def _zero_state_dict(self, module: torch.nn.Module) -> dict[str, torch.Tensor]:
         """A rank-``rank`` LoRA of zeros on every slot target: the slot before any clip uses it."""
@@ -116,7 +127,8 @@ class AdapterSlot:
 
     def _state_dict(self, path: str) -> dict[str, torch.Tensor]:
         """The file's LoRA in diffusers' layout (diffusers converts the others), ``alpha / rank`` folded
-        into ``lora_B`` for PEFT files whose metadata gives an alpha."""
+        into ``lora_B`` for PEFT files whose metadata gives an alpha; in pinned host memory on a GPU
+        host, so a swap's copies to the GPU run at full bus speed."""
         cached = self._state_dicts.get(path)
         if cached is not None:
             self._state_dicts.move_to_end(path)
@@ -134,55 +146,67 @@ class AdapterSlot:
                 key: tensor * (alpha / rank) if key.endswith("lora_B.weight") else tensor
                 for key, tensor in state.items()
             }
+        if self._device.type == "cuda":
+            state = {key: tensor.pin_memory() for key, tensor in state.items()}
         self._state_dicts[path] = state
         if len(self._state_dicts) > _STATE_DICT_CACHE:
             self._state_dicts.popitem(last=False)
         return state
 
-    def _combined(self, adapters: Sequence[AdapterWeights], expert: str) -> dict[str, torch.Tensor] | None:
-        """One LoRA for ``expert`` that is the sum of ``adapters`` at their scales, or None when none of
-        them has a file for it: factors stacked along the rank, each scale folded into its ``B``,
-        padded with zeros so every layer has the same rank (PEFT then scales by exactly 1)."""
+    def _layout(
+        self, adapters: Sequence[AdapterWeights], expert: str
+    ) -> tuple[list[_Part], dict[str, torch.nn.Module]]:
+        """The parts of ``adapters`` that have a file for ``expert`` and the base linear of every layer
+        they touch; :class:`AdapterError` for a summed rank over the slot's or a layer it does not hold."""
         parts = []
         for adapter in adapters:
             path = adapter.file_for(expert)
             if path is not None:
-                parts.append((self._state_dict(path), adapter.scale, adapter.name))
-        if not parts:
-            return None
-        ranks = [
-            next(t.shape[0] for k, t in state.items() if k.endswith("lora_A.weight")) for state, _, _ in parts
-        ]
-        total = sum(ranks)
-        if total > self.rank:
+                state = self._state_dict(path)
+                rank = next(t.shape[0] for k, t in state.items() if k.endswith("lora_A.weight"))
+                parts.append(_Part(state, adapter.scale, adapter.name, rank))
+        names = ", ".join(part.name for part in parts)
+        if sum(part.rank for part in parts) > self.rank:
             raise AdapterError(
-                f"adapters {', '.join(n for _, _, n in parts)} need rank {total} together; the per-clip "
+                f"adapters {names} need rank {sum(part.rank for part in parts)} together; the per-clip "
                 f"slot holds {self.rank} (WANFACTORY_ADAPTER_SLOT_RANK)"
             )
         module = self.experts[expert]
-        prefixes = sorted({key.rsplit(".lora_", 1)[0] for state, _, _ in parts for key in state})
-        combined: dict[str, torch.Tensor] = {}
-        for prefix in prefixes:
+        layers: dict[str, torch.nn.Module] = {}
+        for prefix in sorted({key.rsplit(".lora_", 1)[0] for part in parts for key in part.state}):
             target = prefix.removeprefix("transformer.")
             try:
                 linear = module.get_submodule(target)
             except AttributeError:
                 linear = None
             if linear is None or target.split(".", 2)[-1] not in SLOT_TARGETS:
-                raise AdapterError(
-                    f"{', '.join(n for _, _, n in parts)}: layer {target} is not one the slot holds"
-                )
-            base = linear.get_base_layer() if hasattr(linear, "get_base_layer") else linear
+                raise AdapterError(f"{names}: layer {target} is not one the slot holds")
+            layers[prefix] = linear.get_base_layer() if hasattr(linear, "get_base_layer") else linear
+        return parts, layers
+
+    def _combined(self, adapters: Sequence[AdapterWeights], expert: str) -> dict[str, torch.Tensor] | None:
+        """One LoRA for ``expert`` that is the sum of ``adapters`` at their scales, or None when none of
+        them has a file for it: factors stacked along the rank, each scale folded into its ``B``,
+        padded with zeros so every layer has the same rank (PEFT then scales by exactly 1). Built on
+        the expert's device, so PEFT's copy into the slot stays there."""
+        parts, layers = self._layout(adapters, expert)
+        if not parts:
+            return None
+        device, padding = self._device, self.rank - sum(part.rank for part in parts)
+        combined: dict[str, torch.Tensor] = {}
+        for prefix, base in layers.items():
             downs, ups = [], []
-            for (state, scale, _), rank in zip(parts, ranks, strict=True):
-                down = state.get(f"{prefix}.lora_A.weight")
-                up = state.get(f"{prefix}.lora_B.weight")
+            for part in parts:
+                down = part.state.get(f"{prefix}.lora_A.weight")
+                up = part.state.get(f"{prefix}.lora_B.weight")
                 if down is None:
-                    down, up = torch.zeros(rank, base.in_features), torch.zeros(base.out_features, rank)
-                downs.append(down.float())
-                ups.append(up.float() * scale)
-            downs.append(torch.zeros(self.rank - total, base.in_features))
-            ups.append(torch.zeros(base.out_features, self.rank - total))
+                    downs.append(torch.zeros(part.rank, base.in_features, device=device))
+                    ups.append(torch.zeros(base.out_features, part.rank, device=device))
+                    continue
+                downs.append(down.to(device, non_blocking=True).float())
+                ups.append(up.to(device, non_blocking=True).float() * part.scale)
+            downs.append(torch.zeros(padding, base.in_features, device=device))
+            ups.append(torch.zeros(base.out_features, padding, device=device))
             combined[f"{prefix}.lora_A.weight"] = torch.cat(downs, dim=0)
             combined[f"{prefix}.lora_B.weight"] = torch.cat(ups, dim=1)
         return combined
@@ -190,7 +214,7 @@ class AdapterSlot:
     def check(self, adapters: Sequence[AdapterWeights]) -> None:
         """Raise :class:`AdapterError` now (at prepare) for adapters the slot cannot take."""
         for expert in self.experts:
-            self._combined(adapters, expert)
+            self._layout(adapters, expert)
 
     def use(self, adapters: Sequence[AdapterWeights]) -> float | None:
         """Put ``adapters`` in the slot (none: zeroes it); the seconds the swap took, None if they were
@@ -205,9 +229,8 @@ class AdapterSlot:
                 self._zero(module)
             else:
                 _load(self.pipeline, combined, expert, SLOT_NAME, hotswap=True)
-        device = next(iter(self.experts.values())).device
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
+        if self._device.type == "cuda":
+            torch.cuda.synchronize(self._device)
         self.loaded = wanted
         self.swaps += 1
         seconds = time.perf_counter() - started
