@@ -436,8 +436,11 @@ class WanGenerator:
             adapter_swap_seconds=swap_seconds,
         )
 
-    # The stages of one clip; public so that benchmarks can time each of them.
+    # The stages of one clip; public so that benchmarks can time each of them. Each runs in inference
+    # mode itself: a caller outside it would otherwise record autograd graphs (and keep one in the
+    # cached negative embedding).
 
+    @torch.inference_mode()
     def encode_prompts(self, request: GenerationRequest) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The prompt's and negative prompt's umT5 embeddings; the negative one is computed once, and not
         at all when no step runs classifier-free guidance (None)."""
@@ -460,6 +463,7 @@ class WanGenerator:
             self._text_encoder_host.offload()
         return positive.to(dtype), negative.to(dtype) if negative is not None else None
 
+    @torch.inference_mode()
     def denoise(
         self, request: GenerationRequest, embeddings: tuple[torch.Tensor, torch.Tensor] | None = None
     ) -> torch.Tensor:
