@@ -24,8 +24,8 @@ class ClipSeconds(NamedTuple):
     once: float
 
 
-# bench/results/2026-12-06/engine-distilled-*.json (H200; its A14B step was within 4 % of the H100's that
-# day): denoise / 4 forwards, and encode + decode + hand-back. I2V-A14B: its exact clip on an H100
+# bench/results/2026-12-06/engine-distilled-*.json (H200: no H100 run of the distilled recipe is on record):
+# denoise / 4 forwards, and encode + decode + hand-back. I2V-A14B: its exact clip on an H100
 # (engine-latest.json, 2026-11-22: 217.06 s, 80 forwards) less T2V's once-a-clip part. These predict the
 # exact-mode H100 clips of engine-latest.json to within 1 % (T2V 480p 213.1 s for 211.74 s, TI2V 90.8 s
 # for 90.27 s).

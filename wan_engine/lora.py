@@ -90,6 +90,11 @@ class AdapterError(ValueError):
     """Adapters that cannot go into the per-clip slot (too large a rank, layers it does not hold)."""
 
 
+def _rank(state: Mapping[str, torch.Tensor]) -> int:
+    """A LoRA state dict's rank (its ``lora_A`` factors' rows)."""
+    return next(t.shape[0] for k, t in state.items() if k.endswith("lora_A.weight"))
+
+
 class _Part(NamedTuple):
     """One adapter's file for one expert, as the slot combines it."""
 
@@ -141,7 +146,7 @@ class AdapterSlot:
         metadata = metadata or {}
         alpha = metadata.get("transformer.lora_alpha", metadata.get("lora_alpha"))
         if alpha is not None:
-            rank = next(t.shape[0] for k, t in state.items() if k.endswith("lora_A.weight"))
+            rank = _rank(state)
             state = {
                 key: tensor * (alpha / rank) if key.endswith("lora_B.weight") else tensor
                 for key, tensor in state.items()
@@ -163,12 +168,11 @@ class AdapterSlot:
             path = adapter.file_for(expert)
             if path is not None:
                 state = self._state_dict(path)
-                rank = next(t.shape[0] for k, t in state.items() if k.endswith("lora_A.weight"))
-                parts.append(_Part(state, adapter.scale, adapter.name, rank))
-        names = ", ".join(part.name for part in parts)
-        if sum(part.rank for part in parts) > self.rank:
+                parts.append(_Part(state, adapter.scale, adapter.name, _rank(state)))
+        names, total = ", ".join(part.name for part in parts), sum(part.rank for part in parts)
+        if total > self.rank:
             raise AdapterError(
-                f"adapters {names} need rank {sum(part.rank for part in parts)} together; the per-clip "
+                f"adapters {names} need rank {total} together; the per-clip "
                 f"slot holds {self.rank} (WANFACTORY_ADAPTER_SLOT_RANK)"
             )
         module = self.experts[expert]
