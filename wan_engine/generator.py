@@ -49,6 +49,7 @@ from wan_engine.requests import (
     resolve_request,
 )
 from wan_engine.specs import ModelSpec
+from wan_engine.vae import VaeDecodeOptions, decode_latents, prepare_vae
 from wan_engine.weights import materialize
 
 if TYPE_CHECKING:
@@ -69,6 +70,8 @@ class EngineOptions:
     # None: bfloat16 on a GPU, where its frames stay within bf16 tolerance of a float32 decode at
     # two thirds of the time (bench/results), and float32 on a CPU, where bfloat16 is slow.
     vae_dtype: torch.dtype | None = None
+    # None: GPU_VAE_DECODE on a GPU (wan_engine.vae: the same math, faster), diffusers' own decode on a CPU.
+    vae_decode: VaeDecodeOptions | None = None
     warmup: bool = True  # one short generation at load (GPU only), so the first clip is not the slow one
     # None: decided at load from the weights' sizes and the GPU's memory (wan_engine.memory.plan_memory).
     # The text encoder in host memory between clips (A14B on 80 GB); A14B's two experts sharing one
@@ -94,6 +97,9 @@ class EngineOptions:
         parts += ["fp8"] if self.fp8_matmuls else []
         return "approximate:" + "+".join(parts) if parts else "exact"
 
+
+# How a GPU decodes by default: set from the decode study (bench.engine --decode-study).
+GPU_VAE_DECODE = VaeDecodeOptions(autotune=True)
 
 # Full forwards before TaylorSeer starts extrapolating: its first-order factors need two points.
 STEP_CACHE_WARMUP_STEPS = 3
@@ -221,6 +227,10 @@ class WanGenerator:
         vae_dtype = self.options.vae_dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
         if self.pipeline.vae.dtype != vae_dtype:
             self.pipeline.vae.to(vae_dtype)
+        self.vae_decode = self.options.vae_decode or (
+            GPU_VAE_DECODE if device.type == "cuda" else VaeDecodeOptions()
+        )
+        prepare_vae(self.pipeline.vae, self.vae_decode)
         self._negative_cache: dict[str, torch.Tensor] = {}
         self._prepare_stream = torch.cuda.Stream(device) if device.type == "cuda" else None
         self._text_encoder_host: HostResidentModule | None = None
@@ -599,7 +609,7 @@ class WanGenerator:
 
     def decode_video(self, latents: torch.Tensor) -> torch.Tensor:
         """The VAE's video, ``(1, 3, frames, height, width)`` in [-1, 1], from final latents."""
-        return decode_latents(self.pipeline.vae, latents)
+        return decode_latents(self.pipeline.vae, latents, self.vae_decode)
 
     @staticmethod
     def to_frames(video: torch.Tensor) -> np.ndarray:
@@ -612,15 +622,6 @@ def _guided(request: GenerationRequest) -> bool:
     """Whether any expert runs classifier-free guidance (an unconditional pass) for a resolved request."""
     scales = [request.guidance_scale, request.guidance_scale_2]
     return any(scale is not None and scale != 1.0 for scale in scales)
-
-
-def decode_latents(vae: AutoencoderKLWan, latents: torch.Tensor) -> torch.Tensor:
-    """``vae``'s video, ``(1, 3, frames, height, width)`` in [-1, 1], from final latents: cast to the
-    VAE's dtype and scaled back by its ``latents_mean`` / ``latents_std`` first, as the pipelines do."""
-    latents = latents.to(vae.dtype)
-    mean = torch.tensor(vae.config.latents_mean, device=latents.device, dtype=latents.dtype)
-    std = torch.tensor(vae.config.latents_std, device=latents.device, dtype=latents.dtype)
-    return vae.decode(latents * std.view(1, -1, 1, 1, 1) + mean.view(1, -1, 1, 1, 1), return_dict=False)[0]
 
 
 def _check_fp8_device(device: torch.device) -> None:

@@ -3,6 +3,7 @@
     python -m bench.engine --config ti2v5b_720p [--steps N] [--out DIR]
     python -m bench.engine --config ti2v5b_720p --tiny --steps 2 --out DIR   # CPU smoke test
     python -m bench.engine --config a14b_t2v_480p --distilled [--budget-s S] --out DIR
+    python -m bench.engine --config ti2v5b_720p --decode-study --out DIR
 
 Run from the repository root on the GPU machine (see bench/README.md for the exact commands used).
 One study per command, each a module of bench/engine/: by default ``compare``, one clip through
@@ -27,6 +28,7 @@ from bench.common import device_name
 from bench.engine import (
     approximate,
     compare,
+    decode,
     distilled,
     error,
     memory,
@@ -88,6 +90,9 @@ def main() -> None:
         default=distilled.DEFAULT_BUDGET_S,
         help="with --distilled: skip the adapter-cost parts that would end past this many seconds",
     )
+    parser.add_argument(
+        "--decode-study", action="store_true", help="the VAE decode alone: each of wan_engine.vae's options"
+    )
     parser.add_argument("--tiny", action="store_true", help="smoke-test the script on the tiny model (CPU)")
     parser.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", "bench/results")))
     args = parser.parse_args()
@@ -98,7 +103,9 @@ def main() -> None:
         parser.error("--config is required")
     print(f"{platform.node()} {device_name()} torch {torch.__version__}", flush=True)
     variant = "tiny" if args.tiny else "full"
-    if args.distilled:
+    if args.decode_study:
+        decode.run(args.config, args.out, variant)
+    elif args.distilled:
         distilled.run(args.config, args.out, variant, args.budget_s)
     elif args.approximate:
         approximate.run(args.config, args.out, variant, args.modes)

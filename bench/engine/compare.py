@@ -49,9 +49,9 @@ from bench.real_size import (
 )
 from wan_engine import EngineOptions, WanGenerator
 from wan_engine.attention import FLASH_ATTENTION_BACKEND, resolve_attention_backend
-from wan_engine.generator import decode_latents
 from wan_engine.memory import gpu_memory_budget, plan_memory
 from wan_engine.specs import ModelSpec
+from wan_engine.vae import decode_latents
 
 # flash_4_hub: FlashAttention's CuTe-DSL kernel, when flash_attn.cute is installed (wan_engine.attention).
 ATTENTION_BACKENDS = (

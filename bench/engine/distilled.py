@@ -81,11 +81,11 @@ from bench.real_size import (
 from wan_engine import AdapterWeights, EngineOptions, GenerationRequest, WanGenerator
 from wan_engine.adapters import expert_names
 from wan_engine.attention import AUTO, resolve_attention_backend
-from wan_engine.generator import decode_latents
 from wan_engine.lora import SLOT_TARGETS
 from wan_engine.memory import gpu_memory_budget, plan_memory
 from wan_engine.recipes import LIGHTX2V_4STEP, STANDARD, Recipe, get_recipe, recipe_names
 from wan_engine.specs import ModelSpec
+from wan_engine.vae import decode_latents
 
 RANK = 64
 STEPS = 4
