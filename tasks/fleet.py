@@ -19,7 +19,7 @@ import logging
 import os
 import threading
 import time
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
@@ -188,16 +188,6 @@ class GeneratorActor:
         return Image.open(io.BytesIO(data)).convert("RGB")
 
 
-def engine_options(settings: Settings, adapter_slot_rank: int = 0) -> EngineOptions:
-    """The engine's fast exact defaults, plus any approximate mode the settings opt into."""
-    return EngineOptions(
-        attention_backend=settings.engine_attention_backend,
-        step_cache_interval=settings.engine_step_cache_interval,
-        fp8_matmuls=settings.engine_fp8_matmuls,
-        adapter_slot_rank=adapter_slot_rank,
-    )
-
-
 @dataclass(frozen=True)
 class ActorGroup:
     """The generator actors of one loadout (a model and its fused adapters), and whether they need a slot
@@ -205,16 +195,35 @@ class ActorGroup:
 
     loadout: Loadout
     adapter_slot_rank: int = 0
+    # (width, height, frames) most of its clips have: its actors warm up (compile, autotune) at that shape.
+    warmup_shape: tuple[int, int, int] | None = None
 
 
 def actor_groups(clips: Sequence[ClipSpec], slot_rank: int) -> dict[str, ActorGroup]:
     """The actor groups ``clips`` need, by loadout name."""
     loadouts = {clip.loadout.name: clip.loadout for clip in clips}
     with_adapters = {clip.loadout.name for clip in clips if clip.request.adapters}
+    shapes: dict[str, Counter] = {name: Counter() for name in loadouts}
+    for clip in clips:
+        shapes[clip.loadout.name][(clip.request.width, clip.request.height, clip.request.num_frames)] += 1
     return {
-        name: ActorGroup(loadout, slot_rank if name in with_adapters else 0)
+        name: ActorGroup(
+            loadout, slot_rank if name in with_adapters else 0, shapes[name].most_common(1)[0][0]
+        )
         for name, loadout in sorted(loadouts.items())
     }
+
+
+def engine_options(settings: Settings, group: ActorGroup | None = None) -> EngineOptions:
+    """The engine's fast exact defaults, plus any approximate mode the settings opt into, for ``group``'s
+    actors (their adapter slot, and a warm-up at the shape their clips have)."""
+    return EngineOptions(
+        attention_backend=settings.engine_attention_backend,
+        step_cache_interval=settings.engine_step_cache_interval,
+        fp8_matmuls=settings.engine_fp8_matmuls,
+        adapter_slot_rank=group.adapter_slot_rank if group else 0,
+        warmup_shape=group.warmup_shape if group else None,
+    )
 
 
 AdapterKey = tuple[tuple[str, str | None, float], ...]
@@ -380,7 +389,7 @@ class GenerationFleet:
                     settings.model_cache_dir,
                     settings.device,
                     self.store_config,
-                    engine_options(settings, groups[name].adapter_slot_rank),
+                    engine_options(settings, groups[name]),
                     groups[name].loadout.fused_adapters,
                 )
                 for _ in range(count)

@@ -208,3 +208,15 @@ def test_fp8_is_refused_where_the_device_cannot_run_it(tiny_folders):
         WanGenerator.from_pretrained(
             tiny_folders["ti2v-5b"], spec, device="cpu", options=EngineOptions(fp8_matmuls=True)
         )
+
+
+def test_the_warm_up_clip_has_the_shape_the_options_name(tiny_folders):
+    spec = get_model_spec("i2v-a14b", "tiny")
+    generator = WanGenerator.from_pretrained(
+        tiny_folders["i2v-a14b"], spec, device="cpu", options=EngineOptions(warmup_shape=(64, 96, 9))
+    )
+    shapes = []
+    generate = generator.generate
+    generator.generate = lambda request: shapes.append(generate(request).frames.shape)
+    generator.warm_up()
+    assert shapes == [(9, 96, 64, 3)]  # frames, height, width: not the default 96x64 x 17

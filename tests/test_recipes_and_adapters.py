@@ -19,7 +19,8 @@ from catalogs.problems import InvalidValue
 from catalogs.rules import ModelDefaults
 from catalogs.schema import CATALOG_SCHEMA, validate_catalog
 from catalogs.sheets import SheetRules, read_prompt_sheet, variants_from_table
-from tasks.fleet import ClipQueue, actor_groups, adapter_key
+from infra.settings import Settings
+from tasks.fleet import ClipQueue, actor_groups, adapter_key, engine_options
 from tasks.planning import AdapterCheck, PlanningRules, plan_clips
 from tasks.postprod.content_filter import PromptPolicy
 from tasks.postprod.profile import load_profiles
@@ -266,6 +267,14 @@ def test_actors_take_the_clips_of_the_adapters_they_hold_first():
     assert group.adapter_slot_rank == 64 and group.loadout.family == "t2v-a14b"
     (plain,) = actor_groups(plan([{"sku": "P"}]).clips, slot_rank=64).values()
     assert plain.adapter_slot_rank == 0  # no clip names adapters: no slot, no per-step cost
+
+
+def test_an_actor_group_warms_up_at_the_shape_most_of_its_clips_have():
+    clips = plan([{"sku": "A", "size": "64x96"}, {"sku": "B", "size": "64x96"}, {"sku": "C"}]).clips
+    (group,) = actor_groups(clips, slot_rank=0).values()
+    assert group.warmup_shape == (64, 96, 17)  # the tiny A14B's 17 frames; its default size is 96x64
+    options = engine_options(Settings(), group)
+    assert options.warmup_shape == group.warmup_shape and options.adapter_slot_rank == 0
 
 
 @pytest.mark.usefixtures("tiny_models", "prefect_server", "ray_cluster")

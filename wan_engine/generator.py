@@ -73,6 +73,9 @@ class EngineOptions:
     # None: GPU_VAE_DECODE on a GPU (wan_engine.vae: the same math, faster), diffusers' own decode on a CPU.
     vae_decode: VaeDecodeOptions | None = None
     warmup: bool = True  # one short generation at load (GPU only), so the first clip is not the slow one
+    # (width, height, frames) of the warm-up clip: the shape the generator will serve, so compiling and
+    # autotuning happen at load and not again at the first clip; None: the model's default size and length.
+    warmup_shape: tuple[int, int, int] | None = None
     # None: decided at load from the weights' sizes and the GPU's memory (wan_engine.memory.plan_memory).
     # The text encoder in host memory between clips (A14B on 80 GB); A14B's two experts sharing one
     # expert's worth of GPU memory, the next one streamed in from host memory (A14B on 48 GB).
@@ -319,18 +322,27 @@ class WanGenerator:
         return [recipe for recipe in recipes if sorted(recipe.fused_adapters) == held]
 
     def warm_up(self) -> None:
-        """Compile and autotune at the default size before the first real clip, every expert included."""
+        """Compile and autotune at ``options.warmup_shape`` (else the default size) before the first real
+        clip, every expert included."""
+        width, height, frames = self.options.warmup_shape or (*self.spec.default_size, self.spec.num_frames)
         image = None
         if self.spec.requires_image:
             from PIL import Image
 
-            image = Image.new("RGB", self.spec.default_size, (128, 128, 128))
+            image = Image.new("RGB", (width, height), (128, 128, 128))
         recipe = next(iter(self.recipes), None)
         if recipe is None:
             return  # nothing to serve: every request is refused by validate()
         self.generate(
             GenerationRequest(
-                prompt="warm-up", seed=0, steps=self.warmup_steps(recipe), image=image, recipe=recipe.name
+                prompt="warm-up",
+                seed=0,
+                width=width,
+                height=height,
+                num_frames=frames,
+                steps=self.warmup_steps(recipe),
+                image=image,
+                recipe=recipe.name,
             )
         )
 
