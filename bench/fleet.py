@@ -54,7 +54,6 @@ import pyarrow.parquet as pq
 import torch
 
 from bench.common import device_name
-from catalogs.schema import CATALOG_SCHEMA
 from infra.processes import free_ports
 
 DEFAULT_FAMILY = "ti2v-5b"
@@ -180,15 +179,11 @@ class UtilizationSampler:
 
 def catalog_for(path: Path, gpus: int, clips: int, args: argparse.Namespace) -> None:
     """A catalog of ``clips`` new products for this GPU count (SKUs unique per count: none is skipped)."""
+    # Imported here: --build-model runs where only the engine's packages are installed (no pydantic).
+    from catalogs.schema import CATALOG_SCHEMA
+
     now = datetime.now(UTC)
-    extra = {}
-    if args.recipe != "standard":
-        if "recipe" not in CATALOG_SCHEMA.names:
-            raise SystemExit(
-                f"--recipe {args.recipe} needs the catalog's recipe column (catalogs/schema.py), "
-                "which this checkout does not have yet"
-            )
-        extra["recipe"] = args.recipe
+    extra = {"recipe": args.recipe} if args.recipe != "standard" else {}
     rows = [
         {
             "sku": f"FLEET-{gpus}GPU-{i:04d}",
