@@ -13,7 +13,7 @@
 #   .gpu/a  diffusers, ftfy, c2pa-python and a static ffmpeg 7.0.2 (imageio-ffmpeg 0.6.0's, with
 #           vidstab, minterpolate and libx264), unpacked at once; plus the first piece of part B
 #   .gpu/b  the rest of part B: Ray, Prefect (and its server), moto's S3 server, nudenet,
-#           invisible-watermark, PyWavelets, minio, ffmpeg-python, openpyxl, cryptography
+#           invisible-watermark, PyWavelets, minio, ffmpeg-python, openpyxl, cryptography, langcodes
 # Each stays under the device's 64 MiB carry with the working tree. Carry .gpu/a in one run and
 # .gpu/b in the run right after (the machine keeps /tmp for ~30 s between runs); start the runs
 # with `bash .gpu/a/add.sh` and `bash .gpu/b/add.sh`; both unpack into /tmp/site.
@@ -55,7 +55,7 @@ fi
 
 download -d "$tmp/whl" diffusers==0.42.1 ftfy ray==2.60.0 'minio<8' ffmpeg-python prefect==3.8.8 \
   'fastapi>=0.139,<0.151' 'sqlalchemy<2.1' 'moto[s3]==5.2.1' flask flask-cors nudenet==3.4.2 \
-  invisible-watermark==0.2.0 PyWavelets c2pa-python==0.38.0 openpyxl pydantic-settings typer \
+  invisible-watermark==0.2.0 PyWavelets c2pa-python==0.38.0 openpyxl pydantic-settings typer langcodes \
   "peft==$PEFT_VERSION"
 download --no-deps -d "$tmp/ffmpeg" imageio-ffmpeg==0.6.0
 

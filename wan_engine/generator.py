@@ -101,8 +101,11 @@ class EngineOptions:
         return "approximate:" + "+".join(parts) if parts else "exact"
 
 
-# How a GPU decodes by default: set from the decode study (bench.engine --decode-study).
-GPU_VAE_DECODE = VaeDecodeOptions(autotune=True)
+# How a GPU decodes by default, from the decode study (bench.engine --decode-study, one H100): 1.16x
+# stock for TI2V-5B 720p (6.23 -> 5.39 s), 1.26x for the A14B VAE at 720p (4.73 -> 3.76 s), within the
+# bf16 yardstick and at stock's peak memory. Several latent frames a call bought little more (A14B) or
+# less (TI2V) for 5-16 GiB more: off.
+GPU_VAE_DECODE = VaeDecodeOptions(autotune=True, channels_last=True, fused_norm=True)
 
 # Full forwards before TaylorSeer starts extrapolating: its first-order factors need two points.
 STEP_CACHE_WARMUP_STEPS = 3
