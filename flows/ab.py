@@ -56,4 +56,5 @@ def ab_batch(
     experiment_outputs_task(run_id, sheet_uri, sheet, entries, settings)
     report_task(run_id, entries, manifest, settings)
     logger.info("run %s done counts=%s manifest=%s", run_id, manifest.counts, manifest.parquet_key)
-    return final_state(RunResult(run_id, str(flow_run.get_id()), manifest, entries, rendering.load_seconds))
+    result = RunResult(run_id, str(flow_run.get_id()), manifest, entries, rendering.load_seconds)
+    return final_state(result, settings)

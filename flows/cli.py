@@ -10,7 +10,7 @@ wanfactory outputs [--run RUN_ID]    what a run published (latest run by default
 wanfactory models build-tiny         build the offline test models into the model root
 wanfactory catalog validate|synth|upload
 wanfactory verify FILE|s3://KEY      a clip's C2PA provenance and invisible watermark
-wanfactory automations apply|show    the Prefect automations (crash runs whose driver died), for workers
+wanfactory automations apply|show    the Prefect automations (zombie runs crashed, alerts), for workers
 
 Every command that reaches the object store first delivers the manifests runs had to spool locally
 while the store was away (:func:`_object_store`).
@@ -38,8 +38,8 @@ from flows.runs import AB_DEPLOYMENT, DEPLOYMENTS, ab_run_name, ab_tags
 from infra import stack
 from infra.objectstore import ObjectStore, unreachable
 from infra.settings import Settings
-from tasks.manifest import estimated_gpu_hours, flush_spool, status_counts
-from tasks.records import ClipStatus
+from tasks.cost import cost_sentence, cost_text, run_costs
+from tasks.manifest import flush_spool
 from wan_engine import MODEL_FAMILIES, get_model_spec, model_location, split_s3_uri
 
 # Commands import what only they need (Prefect, Ray and the engine, ffmpeg, the content filter's
@@ -144,19 +144,31 @@ def automations_apply() -> None:
     as it starts; run it where a Prefect worker runs the deployments of prefect.yaml instead."""
     settings = Settings()
     _use_local_prefect(settings)
-    from flows.automations import apply_automations
+    from flows.automations import ALERTS_OFF, apply_automations
 
     for name, done in apply_automations(settings).items():
         typer.echo(f"{done:<9} {name}")
+    if settings.alert_webhook_url is None:
+        typer.echo(ALERTS_OFF)
     typer.echo(f"  on {_ui_url()}/automations")
 
 
 @automations_app.command("show")
 def automations_show() -> None:
     """Print the automations as JSON, as `apply` would send them to Prefect (with these settings)."""
-    from flows.automations import automations
+    from uuid import UUID
 
-    typer.echo(json.dumps([a.model_dump(mode="json") for a in automations(Settings())], indent=1))
+    from flows.automations import ALERT_BLOCK, automations
+
+    settings = Settings()
+    # The alerts name their notification block by the id the server gives it when `apply` saves it.
+    block_id = None if settings.alert_webhook_url is None else UUID(int=0)
+    typer.echo(json.dumps([a.model_dump(mode="json") for a in automations(settings, block_id)], indent=1))
+    if block_id is not None:
+        typer.echo(
+            f"(block_document_id {block_id} stands for the id block {ALERT_BLOCK} gets when apply saves it)",
+            err=True,
+        )
 
 
 @models_app.command("build-tiny")
@@ -364,16 +376,6 @@ def ab_submit(
     typer.echo(f"flow run {run.name}: {_ui_url()}/runs/flow-run/{run.id}")
 
 
-def _gpu_hours(entries) -> str:
-    """The estimated GPU time of what a run made and what it left planned, on one H100."""
-    counts = status_counts(entries)
-    made, planned = (estimated_gpu_hours(entries, s) for s in (ClipStatus.PUBLISHED, ClipStatus.PLANNED))
-    return (
-        f"~{made:.2f} h for {counts.get('published', 0)} published clips, ~{planned:.2f} h for "
-        f"{counts.get('planned', 0)} planned (estimated for one H100 at full model size: wan_engine/cost.py)"
-    )
-
-
 def _print_result(state, settings: Settings) -> None:
     """A run's outcome for the terminal; exits 1 when the run failed (its message says why)."""
     result = state.result(raise_on_failure=False)
@@ -384,7 +386,10 @@ def _print_result(state, settings: Settings) -> None:
     typer.echo(
         f"run {result.run_id}: " + ", ".join(f"{n} {status}" for status, n in result.manifest.counts.items())
     )
-    typer.echo(f"  GPU time:   {_gpu_hours(result.entries)}")
+    costs = run_costs(result.entries, settings.gpu_price_per_hour, settings.estimate_gpu_type)
+    typer.echo(f"  GPU time:   {cost_sentence(costs)}")
+    for line in cost_text(costs):
+        typer.echo(f"              {line}")
     typer.echo(f"  Prefect UI: {_ui_url()}/runs/flow-run/{result.flow_run_id}")
     typer.echo(f"  manifest:   s3://{bucket}/{result.manifest.parquet_key}")
     typer.echo(f"              s3://{bucket}/{result.manifest.json_key}")

@@ -12,9 +12,11 @@ from functools import partial
 
 import ray
 from prefect.client.orchestration import get_client
+from prefect.events import emit_event
 from prefect.runtime import flow_run
 from prefect.states import Failed, State
 
+from flows.automations import INFRA_FAILURE_SHARE_EVENT
 from infra.settings import Settings
 from tasks.fleet import FleetStartError, actor_groups, connect_ray, plan_fleets
 from tasks.manifest import ManifestLocation
@@ -47,20 +49,80 @@ class RunResult:
             e.stage for e in self.entries if e.status == ClipStatus.FAILED and e.stage not in INPUT_STAGES
         )
 
+    def clips_set_out(self) -> int:
+        """The clips the run set out to make: every entry but rows rejected for their input, clips already
+        published (skipped) and clips held back for a later run (planned)."""
+        return sum(
+            1
+            for e in self.entries
+            if e.status not in (ClipStatus.SKIPPED, ClipStatus.PLANNED)
+            and not (e.status == ClipStatus.FAILED and e.stage in INPUT_STAGES)
+        )
 
-def final_state(result: RunResult) -> RunResult | State:
+    def infrastructure_failure_share(self) -> float:
+        """The share of :meth:`clips_set_out` that failed for the infrastructure (0 when there were none)."""
+        set_out = self.clips_set_out()
+        return sum(self.infrastructure_failures().values()) / set_out if set_out else 0.0
+
+    def exceeds_infrastructure_failure_share(self, threshold: float) -> bool:
+        """The alert rule (``alert_infra_failure_share``): more than ``threshold`` of the clips it set out
+        to make failed for the infrastructure."""
+        return self.infrastructure_failure_share() > threshold
+
+    def summary(self) -> str:
+        """Every count of the run in one line, for people: its state message and its alerts."""
+        counts = self.manifest.counts
+        statuses = ", ".join(f"{counts.get(status, 0)} {status}" for status in ClipStatus)
+        failures = sum(self.infrastructure_failures().values())
+        return (
+            f"{statuses}; {failures} of the {self.clips_set_out()} clips it set out to make failed for the "
+            f"infrastructure ({self.infrastructure_failure_share():.0%})"
+        )
+
+
+def final_state(result: RunResult, settings: Settings) -> RunResult | State:
     """What a run flow returns: its result, or, when clips failed for the infrastructure (a model that
     would not load, generation, post-production, storage), a Failed state that says so with the counts
-    and still carries the result. Rows rejected for their own input never fail the run."""
+    and still carries the result. Rows rejected for their own input never fail the run.
+
+    When more than ``alert_infra_failure_share`` of its clips failed for the infrastructure, the run also
+    emits :data:`~flows.automations.INFRA_FAILURE_SHARE_EVENT` with its counts, for the alert automation.
+    """
+    if result.exceeds_infrastructure_failure_share(settings.alert_infra_failure_share):
+        _emit_infrastructure_failure_share_event(result, settings)
     failures = result.infrastructure_failures()
     if not failures:
         return result
     stages = ", ".join(f"{count} at {stage}" for stage, count in sorted(failures.items()))
     message = (
         f"{sum(failures.values())} clips failed for the infrastructure, not their input ({stages}); "
-        f"run {result.run_id}: {result.manifest.counts}"
+        f"run {result.run_id}: {result.summary()}"
     )
     return Failed(message=message, data=result)
+
+
+def _emit_infrastructure_failure_share_event(result: RunResult, settings: Settings) -> None:
+    """The event the infrastructure-failure alert fires on: about the flow run (Prefect adds its flow,
+    deployment and tags as related resources), with the counts in its payload."""
+    share, threshold = result.infrastructure_failure_share(), settings.alert_infra_failure_share
+    emit_event(
+        INFRA_FAILURE_SHARE_EVENT,
+        resource={"prefect.resource.id": f"prefect.flow-run.{result.flow_run_id}"},
+        payload={
+            "run_id": result.run_id,
+            "counts": {status.value: result.manifest.counts.get(status, 0) for status in ClipStatus},
+            "infrastructure_failures": dict(result.infrastructure_failures()),
+            "clips_set_out": result.clips_set_out(),
+            "infrastructure_failure_share": share,
+            "threshold": threshold,
+            "reason": (
+                f"{share:.0%} of the clips it set out to make failed for the infrastructure, more than the "
+                f"alert threshold of {threshold:.0%}"
+            ),
+            "summary": result.summary(),
+            "manifest": f"s3://{settings.s3_bucket}/{result.manifest.json_key}",
+        },
+    )
 
 
 def new_run_id() -> str:

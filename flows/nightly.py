@@ -3,7 +3,8 @@
 load post-production profiles and catalog -> validate and plan (deterministic clip ids,
 skip what is published, refuse prompts the policy blocks) -> generate on the Ray fleet,
 post-processing, encoding and publishing (or quarantining) each clip as it finishes
--> write the run manifest -> post the run's artifacts.
+-> write the run manifest -> post the run's artifacts (a contact sheet of the night's new clips, the cost,
+the failures by reason).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from tasks.planning import hold_back
 from tasks.units import (
     flush_spool_task,
     load_catalog_task,
+    new_clips_contact_sheet_task,
     plan_task,
     prepare_postproduction_task,
     report_task,
@@ -56,6 +58,8 @@ def nightly_catalog(
     rendering = render_plan(plan, settings, run_id, catalog_uri, postproduction.finishing, logger)
     entries = rendering.entries
     manifest = write_manifest_task(run_id, catalog_uri, entries, settings)
-    report_task(run_id, entries, manifest, settings)
+    contact_sheet_key = new_clips_contact_sheet_task(run_id, entries, settings)
+    report_task(run_id, entries, manifest, settings, contact_sheet_key)
     logger.info("run %s done counts=%s manifest=%s", run_id, manifest.counts, manifest.parquet_key)
-    return final_state(RunResult(run_id, str(flow_run.get_id()), manifest, entries, rendering.load_seconds))
+    result = RunResult(run_id, str(flow_run.get_id()), manifest, entries, rendering.load_seconds)
+    return final_state(result, settings)

@@ -17,8 +17,9 @@ Prefect 3.8.8 may exit before it paused them all); serving again registers them 
 ``wanfactory stack up`` starts this as a background process (``python -m flows.serve``).
 
 Before serving, it applies the project's Prefect automations (flows/automations.py: a run whose
-heartbeats stop is marked Crashed), and the flow-run subprocesses it starts inherit the heartbeat
-setting (``Settings.prefect_environment``) from its environment.
+heartbeats stop is marked Crashed; the alerts, when ``alert_webhook_url`` is set), and the flow-run
+subprocesses it starts inherit the heartbeat setting (``Settings.prefect_environment``) and the alert
+threshold from its environment.
 """
 
 from __future__ import annotations

@@ -10,12 +10,15 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import Field, SecretStr, ValidationInfo, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 DEFAULT_STATE_DIR = Path.home() / ".wanfactory"
+# USD per GPU-hour by GPU type (tasks.cost.gpu_type_key): on-demand cloud list prices of late 2025, rounded,
+# to be replaced by what the fleet really pays. A CPU actor (the demo, the tests) costs nothing.
+DEFAULT_GPU_PRICE_PER_HOUR = {"H200": 3.80, "H100": 3.00, "A100": 1.80, "L4": 0.80, "A10G": 1.00, "cpu": 0.0}
 
 
 @dataclass(frozen=True)
@@ -173,6 +176,16 @@ class Settings(BaseSettings):
     link_expiry_hours: int = Field(
         24, ge=1, le=168, description="lifetime of the presigned clip links in the run's artifacts"
     )
+    # Cost (tasks/cost.py).
+    gpu_price_per_hour: dict[str, Annotated[float, Field(ge=0)]] = Field(
+        default_factory=lambda: dict(DEFAULT_GPU_PRICE_PER_HOUR),
+        description='USD per GPU-hour by GPU type (a JSON object, e.g. {"H100": 2.5, "cpu": 0}): prices '
+        "each clip's measured GPU-seconds; a type it lacks leaves those clips' cost unknown",
+    )
+    estimate_gpu_type: str = Field(
+        "H100",
+        description="the GPU type whose price is put on planned clips' estimated GPU-seconds (dry runs)",
+    )
     clips_per_task: int = Field(
         64, ge=1, description="clips per Prefect render task (keeps task runs few for big catalogs)"
     )
@@ -197,6 +210,21 @@ class Settings(BaseSettings):
         "marked Crashed by the zombie automation; at least 1.5 x flow_heartbeat_seconds",
     )
 
+    # Alerts (flows/automations.py): Prefect automations post to this webhook. A secret: Slack's and
+    # Teams' webhook URLs carry their token.
+    alert_webhook_url: SecretStr | None = Field(
+        None,
+        description="webhook the alerts are POSTed to (JSON: text, subject, body), e.g. a Slack, Teams or "
+        "on-call incoming webhook; unset: no alert automations",
+    )
+    alert_infra_failure_share: float = Field(
+        0.1,
+        ge=0,
+        le=1,
+        description="a run alerts when more than this share of the clips it set out to make failed for the "
+        "infrastructure (read where runs run: the worker, `wanfactory serve`)",
+    )
+
     # Schedules (read by `wanfactory serve` when it registers its deployments; prefect.yaml has its own copy).
     nightly_cron: str = Field(
         "0 2 * * *", description="cron of the nightly catalog run (minute hour day month weekday)"
@@ -212,6 +240,12 @@ class Settings(BaseSettings):
     state_dir: Path = Field(DEFAULT_STATE_DIR, description="where the local stack keeps its data")
     prefect_port: int = Field(4200, description="port of the local Prefect server")
     ceph_mon_port: int = Field(6789, description="port of the local object store's monitor")
+
+    @field_validator("alert_webhook_url", mode="before")
+    @classmethod
+    def _empty_url_is_none(cls, url: object) -> object:
+        # Compose's `${WANFACTORY_ALERT_WEBHOOK_URL:-}` passes an unset URL as an empty one: no alerts.
+        return None if url == "" else url
 
     @field_validator("zombie_window_seconds")
     @classmethod

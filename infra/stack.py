@@ -203,7 +203,13 @@ def _start_prefect(settings: Settings) -> bool:
         return False
     home = _prefect_home(settings)
     home.mkdir(parents=True, exist_ok=True)
-    env = {**os.environ, "PREFECT_HOME": str(home), "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
+    env = {
+        **os.environ,
+        "PREFECT_HOME": str(home),
+        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+        # The address the alerts' links to a run's page use (flows/automations.py).
+        "PREFECT_UI_URL": _prefect_url(settings),
+    }
     argv = [sys.executable, *_PREFECT_ARGS, "--host", "127.0.0.1", "--port", str(settings.prefect_port)]
     # Not the caller's directory: Prefect would read a prefect.toml or .env found there.
     pid = server.start(argv, env, cwd=home)

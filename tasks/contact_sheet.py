@@ -118,13 +118,19 @@ def contact_sheet_layout(
 
 
 def build_contact_sheet(
-    rows: Sequence[ContactRow], title: str, *, cell_height: int = 144, max_columns: int = 6
+    rows: Sequence[ContactRow],
+    title: str,
+    *,
+    cell_height: int = 144,
+    max_columns: int = 6,
+    nouns: tuple[str, str] = ("variant", "sample"),
 ) -> Image.Image:
-    """An RGB contact sheet: a title with counts, then one labelled row of thumbnails per variant."""
+    """An RGB contact sheet: a title with counts, then one labelled row of thumbnails per variant (or
+    whatever else ``nouns`` calls a row and a sample in the counts, e.g. a nightly run's models and clips)."""
     layout = contact_sheet_layout(rows, cell_height=cell_height, max_columns=max_columns)
     sheet = Image.new("RGB", layout.size, BACKGROUND)
     draw = ImageDraw.Draw(sheet)
-    _draw_title(draw, layout.title, title, rows)
+    _draw_title(draw, layout.title, title, rows, nouns)
     for index, (row, placed) in enumerate(zip(rows, layout.rows, strict=True)):
         if index % 2:
             draw.rectangle(_inclusive(placed.band), fill=BAND_SHADE)
@@ -171,10 +177,12 @@ def _inclusive(box: Box) -> Box:
     return box[0], box[1], box[2] - 1, box[3] - 1
 
 
-def _draw_title(draw: ImageDraw.ImageDraw, box: Box, title: str, rows: Sequence[ContactRow]) -> None:
+def _draw_title(
+    draw: ImageDraw.ImageDraw, box: Box, title: str, rows: Sequence[ContactRow], nouns: tuple[str, str]
+) -> None:
     samples = [sample for row in rows for sample in row.samples]
     missing = sum(1 for sample in samples if sample.image is None)
-    counts = f"{len(rows)} variant(s), {len(samples)} sample(s)"
+    counts = f"{len(rows)} {nouns[0]}(s), {len(samples)} {nouns[1]}(s)"
     if missing:
         counts += f", {missing} without a clip"
     width = box[2] - box[0]

@@ -36,7 +36,8 @@ class ExperimentOutputs:
     contact_sheet_key: str
 
 
-def _thumbnail(store: ObjectStore, entry: ManifestEntry) -> Image.Image | None:
+def stored_thumbnail(store: ObjectStore, entry: ManifestEntry) -> Image.Image | None:
+    """A published (or skipped) clip's thumbnail from the store, for a contact sheet; None without one."""
     if entry.status not in (ClipStatus.PUBLISHED, ClipStatus.SKIPPED) or not entry.thumbnail_key:
         return None
     try:
@@ -63,7 +64,8 @@ def contact_rows(
                 variant_id=variant.variant_id,
                 prompt=variant.prompt,
                 samples=[
-                    ContactSample(f"seed {e.seed}", _thumbnail(store, e), str(e.status)) for e in samples
+                    ContactSample(f"seed {e.seed}", stored_thumbnail(store, e), str(e.status))
+                    for e in samples
                 ],
             )
         )

@@ -26,6 +26,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import ray
+import torch
 from diffusers.utils import logging as diffusers_logging
 from PIL import Image
 from transformers.utils import logging as transformers_logging
@@ -33,6 +34,7 @@ from transformers.utils import logging as transformers_logging
 from catalogs.sources import read_bytes
 from infra.objectstore import ObjectStore
 from infra.settings import ObjectStoreConfig, Settings
+from tasks.cost import CPU, gpu_type_key, priced
 from tasks.publish import Finisher, FinishingContext
 from tasks.records import ClipSpec, GeneratedClip, Loadout, ManifestEntry, failed_entry
 from wan_engine import AdapterWeights, EngineOptions, WanGenerator, get_model_spec, model_location
@@ -130,6 +132,9 @@ class GeneratorActor:
         gpus = ray.get_gpu_ids()
         node = ray.get_runtime_context().get_node_id()[:8]
         self.worker = f"{node}/{'gpu' + ','.join(map(str, gpus)) if gpus else 'cpu'}/pid{os.getpid()}"
+        device = self.generator.device
+        # What its clips' GPU time is priced as (tasks.cost).
+        self.gpu_type = gpu_type_key(torch.cuda.get_device_name(device) if device.type == "cuda" else CPU)
         # Weights to GPU and warm-up (compilation) included: what a (re)start costs before the first clip.
         self.load_seconds = time.perf_counter() - started
 
@@ -147,8 +152,10 @@ class GeneratorActor:
 
         Two returns so the dispatcher can read the small first one to learn whether the attempt
         outlived the actor, and hand the second (the frames) to a finisher without fetching it.
-        A clip's own failure is not the actor's: it comes back as the clip's ``error``.
+        A clip's own failure is not the actor's: it comes back as the clip's ``error``. The clip's GPU time
+        is the time it held the render lock (the GPU), whether it succeeded or not.
         """
+        held_since = None  # perf_counter when the clip took the GPU
         try:
             image = self._image(clip) if clip.image_uri else None
             adapters = tuple(
@@ -157,8 +164,10 @@ class GeneratorActor:
             request = replace(clip.request, image=image, adapters=adapters)
             prepared = self.generator.prepare(request) if self.generator.prepares_concurrently else None
             with self.render_lock:
-                started_at = datetime.now(UTC)
+                started_at, held_since = datetime.now(UTC), time.perf_counter()
+                # Frames are on the host when render returns: the GPU is free for the next clip.
                 video = self.generator.render(prepared or self.generator.prepare(request))
+                gpu_seconds = time.perf_counter() - held_since
         except Exception as err:
             log.warning("generation failed clip_id=%s error=%s", clip.clip_id, err)
             return self.worker, GeneratedClip(
@@ -166,6 +175,8 @@ class GeneratorActor:
                 frames=None,
                 worker=self.worker,
                 engine_mode=self.generator.options.mode,
+                gpu_seconds=None if held_since is None else time.perf_counter() - held_since,
+                gpu_type=self.gpu_type,
                 error=f"{type(err).__name__}: {err}",
             )
         return self.worker, GeneratedClip(
@@ -179,6 +190,8 @@ class GeneratorActor:
             prompt_tokens=video.prompt_tokens,
             prompt_tokens_kept=video.prompt_tokens_kept,
             adapter_swap_seconds=video.adapter_swap_seconds,
+            gpu_seconds=gpu_seconds,
+            gpu_type=self.gpu_type,
         )
 
     def _image(self, clip: ClipSpec) -> Image.Image:
@@ -355,6 +368,7 @@ class GenerationFleet:
         """``shape.actors`` counts actors by group name; ``groups`` says what each group's actors load."""
         self.run_id = run_id
         self.store_config = settings.object_store()
+        self.gpu_prices = settings.gpu_price_per_hour
         self.finishing_budget_bytes = int(
             FINISHING_MEMORY_SHARE * ray.cluster_resources().get("object_store_memory", 0)
         )
@@ -498,9 +512,9 @@ class GenerationFleet:
         queues: dict[str, ClipQueue],
         lost: dict[str, list[str]],
     ) -> ManifestEntry | None:
-        """The clip's entry from its finisher, or None when its frames were lost and it is queued again."""
+        """The clip's entry from its finisher, priced; None when its frames were lost and it is requeued."""
         try:
-            entry = ray.get(ref)
+            entry = priced(ray.get(ref), self.gpu_prices)
         except GENERATION_LOST as err:
             return self._lost_attempt(clip, err, queues, lost)
         except ray.exceptions.RayError as err:

@@ -66,11 +66,6 @@ def status_counts(entries: Sequence[ManifestEntry]) -> dict[str, int]:
     return dict(sorted(Counter(str(e.status) for e in entries).items()))
 
 
-def estimated_gpu_hours(entries: Sequence[ManifestEntry], status: ClipStatus) -> float:
-    """The estimated GPU time (one H100, wan_engine.cost) of the entries with ``status``, in hours."""
-    return sum(e.estimated_gpu_seconds or 0.0 for e in entries if e.status == status) / 3600
-
-
 def write_manifest(
     store: ObjectStore,
     run_id: str,

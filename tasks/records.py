@@ -151,6 +151,10 @@ class GeneratedClip:
     prompt_tokens: int | None = None  # the prompt's text-encoder tokens, and how many the encoder read
     prompt_tokens_kept: int | None = None
     adapter_swap_seconds: float | None = None  # swapping the clip's adapters in, when it had to
+    # What the clip held its actor's GPU for (its wall time, from the start of its generation to its frames
+    # being handed back; None when it never got the GPU), and that GPU's type (tasks.cost.gpu_type_key).
+    gpu_seconds: float | None = None
+    gpu_type: str | None = None
     error: str | None = None
 
     @property
@@ -229,6 +233,12 @@ class ManifestEntry:
     adapter_swap_seconds: float | None = None  # the generator swapped adapters in for this clip
     # What the clip holds (or would hold) one H100 for, from the benchmarks (wan_engine.cost).
     estimated_gpu_seconds: float | None = None
+    # What it did hold its generator's GPU for (measured on the actor: from the start of its generation to
+    # its frames being handed back), the GPU's type ("H100", "cpu": tasks.cost.gpu_type_key), and that
+    # time's cost at the run's price for the type (WANFACTORY_GPU_PRICE_PER_HOUR; None: no price for it).
+    gpu_seconds: float | None = None
+    gpu_type: str | None = None
+    cost_usd: float | None = None
     profile: str | None = None  # the post-production profile
     experiment_id: str | None = None  # A/B runs: experiment, variant and sample of the clip
     variant_id: str | None = None
@@ -315,6 +325,8 @@ class ManifestEntry:
             prompt_tokens=generated.prompt_tokens,
             prompt_tokens_kept=generated.prompt_tokens_kept,
             adapter_swap_seconds=generated.adapter_swap_seconds,
+            gpu_seconds=None if generated.gpu_seconds is None else round(generated.gpu_seconds, 3),
+            gpu_type=generated.gpu_type,
             **details,
         )
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import replace
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from uuid import UUID
 
@@ -30,22 +30,17 @@ from catalogs.sources import load_catalog
 from infra.objectstore import ObjectStore
 from infra.processes import wait_until
 from infra.settings import Settings
+from tasks.cost import run_costs
 from tasks.experiments import ExperimentOutputs, experiment_markdown, write_experiment_outputs
 from tasks.fleet import ActorGroup, FleetShape, GenerationFleet
 from tasks.inputs import check_images, local_image_roots, planning_rules
-from tasks.manifest import (
-    ManifestLocation,
-    estimated_gpu_hours,
-    flush_spool,
-    status_counts,
-    write_manifest,
-)
-from tasks.markdown import md_text
+from tasks.manifest import ManifestLocation, flush_spool, write_manifest
 from tasks.planning import Plan, plan_clips, plan_sheet, sheet_rules
 from tasks.postproduction import Postproduction, prepare_postproduction
 from tasks.publish import FinishingContext
 from tasks.records import ClipSpec, ClipStatus, ManifestEntry
 from tasks.retries import transient
+from tasks.run_report import Links, run_summary_markdown, write_new_clips_contact_sheet
 
 
 class RunProgress:
@@ -275,13 +270,32 @@ def flush_spool_task(settings: Settings) -> list[str]:
     return delivered
 
 
+@task(retries=3, retry_delay_seconds=5, retry_condition_fn=transient, cache_policy=NO_CACHE)
+def new_clips_contact_sheet_task(
+    run_id: str, entries: Sequence[ManifestEntry], settings: Settings
+) -> str | None:
+    """The contact sheet of the clips the run published, beside its manifest; its key (None: no new clips)."""
+    return write_new_clips_contact_sheet(ObjectStore(settings.object_store()), run_id, entries)
+
+
 @task(cache_policy=NO_CACHE)
 def report_task(
-    run_id: str, entries: Sequence[ManifestEntry], manifest: ManifestLocation, settings: Settings
+    run_id: str,
+    entries: Sequence[ManifestEntry],
+    manifest: ManifestLocation,
+    settings: Settings,
+    contact_sheet_key: str | None = None,
 ) -> None:
-    """The run's table artifact (every clip) and a markdown summary with the failures and their reasons."""
+    """The run's table artifact (every clip) and its markdown summary (:mod:`tasks.run_report`): the cost,
+    the new clips on ``contact_sheet_key`` when given, the failures by reason."""
     store = ObjectStore(settings.object_store())
     expiry = timedelta(hours=settings.link_expiry_hours)
+    links = Links(
+        presigned=lambda key: store.presigned_url(key, expiry),
+        uri=store.uri,
+        expiry_hours=settings.link_expiry_hours,
+        expires_at=datetime.now(UTC) + expiry,
+    )
     ordered = sorted(entries, key=lambda e: e.row)
     create_table_artifact(
         key="clip-summary",
@@ -299,25 +313,6 @@ def report_task(
         ],
         description=f"Every clip of run {run_id}; links expire after {settings.link_expiry_hours} h",
     )
-    counts = status_counts(entries)
-    failures = [e for e in ordered if e.status in (ClipStatus.FAILED, ClipStatus.QUARANTINED)]
-    lines = [
-        f"# Run {run_id}",
-        "",
-        " | ".join(f"**{status}**: {count}" for status, count in counts.items()),
-        "",
-        f"Manifest: `{store.uri(manifest.parquet_key)}` and `{store.uri(manifest.json_key)}`",
-        "",
-        "Estimated GPU time on one H100: "
-        + ", ".join(
-            f"{s} {estimated_gpu_hours(entries, s):.2f} h" for s in (ClipStatus.PUBLISHED, ClipStatus.PLANNED)
-        ),
-    ]
-    if failures:
-        lines += ["", "## Failed and quarantined", "", "| row | sku or variant | status | stage | reason |"]
-        lines += ["|---|---|---|---|---|"]
-        lines += [
-            f"| {e.row} | {md_text(e.label)} | {e.status} | {e.stage} | {md_text(e.reason)} |"
-            for e in failures
-        ]
-    create_markdown_artifact(key="run-summary", markdown="\n".join(lines), description=f"Summary of {run_id}")
+    costs = run_costs(entries, settings.gpu_price_per_hour, settings.estimate_gpu_type)
+    markdown = run_summary_markdown(run_id, entries, manifest, costs, links, contact_sheet_key)
+    create_markdown_artifact(key="run-summary", markdown=markdown, description=f"Summary of {run_id}")

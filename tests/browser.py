@@ -185,6 +185,12 @@ class Link:
     text: str
 
 
+@dataclass(frozen=True)
+class Picture:
+    src: str
+    alt: str
+
+
 @dataclass
 class Page:
     """What a person can see of a rendered DOM: hidden subtrees, scripts and styles are left out."""
@@ -194,6 +200,7 @@ class Page:
     headings: list[str] = field(default_factory=list)
     links: list[Link] = field(default_factory=list)
     tables: list[list[list[str]]] = field(default_factory=list)  # table -> rows -> cell texts
+    images: list[Picture] = field(default_factory=list)
 
     def links_to(self, prefix: str) -> list[Link]:
         return [link for link in self.links if link.href.split("?")[0].startswith(prefix)]
@@ -222,9 +229,11 @@ class _PageParser(HTMLParser):
         return bool(self._stack) and self._stack[-1][1]
 
     def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        attributes = dict(attrs)
+        if tag == "img" and not self._hidden:
+            self.page.images.append(Picture(attributes.get("src") or "", attributes.get("alt") or ""))
         if tag in _VOID:
             return
-        attributes = dict(attrs)
         style = (attributes.get("style") or "").replace(" ", "")
         hidden = (
             self._hidden

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import re
 
 import pyarrow.parquet as pq
 import pytest
@@ -108,6 +109,13 @@ def test_the_run_is_named_and_tagged_for_the_experiment_with_its_artifacts(ab_ru
     artifacts = flow_run_artifacts(ab_run.flow_run_id)
     assert {"clip-summary", "run-summary", "clip-progress", "contact-sheet-mug-launch"} <= set(artifacts)
     assert "![contact sheet](http" in artifacts["contact-sheet-mug-launch"].data
+    # Its summary: the cost of its samples and its failures by reason; the new clips are on the contact sheet.
+    summary = artifacts["run-summary"].data
+    assert "\nCost: $0.00 for 4 published clips ($0.00 a clip), " in summary and "## New clips" not in summary
+    assert "| t2v-a14b-tiny | standard | 4 | " in summary, summary
+    typo = r"^\| failed \| validate \| column 'Model' \| 1 \| row 4 mug-launch/C-typo: column 'Model': "
+    blocked = r"^\| quarantined \| prompt_policy \| .+ \| 1 \| row 5 mug-launch/D-blocked: "
+    assert re.search(typo, summary, re.MULTILINE) and re.search(blocked, summary, re.MULTILINE), summary
 
 
 def test_a_rerun_of_the_same_sheet_skips_what_is_published(ab_run, store):

@@ -46,6 +46,8 @@ def test_cli_runs_the_nightly_flow_on_the_cluster(ray_head, settings):
     )
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert "12 published" in done.stdout, done.stdout[-3000:]
+    # What the run's GPU time cost: on CPU actors, priced at nothing.
+    assert "GPU time:   $0.00 for 12 published clips ($0.00 a clip), " in done.stdout, done.stdout[-3000:]
     run_id = done.stdout.split("run ", 1)[1].split(":", 1)[0]
     manifest = json.loads(bucket.get_bytes(f"runs/{run_id}/manifest.json"))
     assert manifest["counts"] == {"published": 12}

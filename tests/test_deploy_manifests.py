@@ -13,7 +13,7 @@ import re
 import tomllib
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, get_args
 
 import pytest
 import yaml
@@ -32,7 +32,7 @@ SETTING_VARS = {f"WANFACTORY_{name.upper()}" for name in Settings.model_fields}
 SECRET_SETTING_VARS = {
     f"WANFACTORY_{name.upper()}"
     for name, field in Settings.model_fields.items()
-    if field.annotation is SecretStr
+    if field.annotation is SecretStr or SecretStr in get_args(field.annotation)  # optional ones too
 }
 WANFACTORY_VAR = re.compile(r"WANFACTORY_[A-Z0-9_]+")
 SECRET_WORD = re.compile(r"SECRET|PASSWORD|TOKEN")
@@ -214,7 +214,10 @@ def test_compose_hardcodes_no_secret() -> None:
     for name in _compose()["services"]:
         for key, value in _compose_env(name).items():
             if SECRET_WORD.search(key) or key in SECRET_SETTING_VARS:
-                assert re.fullmatch(r"\$\{\w+:\?[^}]+\}", value), f"{name}: {key} must come from infra/.env"
+                # Required (`:?`), or optional with nothing in its place (`:-`).
+                assert re.fullmatch(r"\$\{\w+(:\?[^}]+|:-)\}", value), (
+                    f"{name}: {key} must come from infra/.env"
+                )
         assert "MINIO_ROOT_PASSWORD" not in _compose_env(name) or name in ("minio", "minio-init"), name
 
 
@@ -383,3 +386,17 @@ def test_worker_runs_send_heartbeats_and_the_zombie_automation_is_applied() -> N
     }
     job = _one("Job", "prefect-automations")["spec"]["template"]["spec"]
     assert [c["command"] for c in _containers(job)] == [apply]
+
+
+def test_the_alert_webhook_url_reaches_automations_apply_only_from_secrets() -> None:
+    """The alerts' webhook URL (a credential: Slack's and Teams' carry their token) goes to the one process
+    that writes it into Prefect's notification block, from infra/.env or a Secret, and is optional."""
+    name = "WANFACTORY_ALERT_WEBHOOK_URL"
+    assert name in SECRET_SETTING_VARS
+    services = _compose()["services"]
+    assert _compose_env("prefect-automations")[name] == f"${{{name}:-}}"
+    assert [service for service in services if name in _compose_env(service)] == ["prefect-automations"]
+    job = _containers(_one("Job", "prefect-automations")["spec"]["template"]["spec"])[0]
+    assert {"name": "wanfactory-alerts", "optional": True} in [e.get("secretRef") for e in job["envFrom"]]
+    assert name in _one("Secret", "wanfactory-alerts")["stringData"] and name not in _config()
+    assert "WANFACTORY_ALERT_INFRA_FAILURE_SHARE" in _config()  # read where the runs run: the worker

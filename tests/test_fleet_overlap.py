@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import threading
+import time
 from datetime import UTC, datetime
 
 import numpy as np
@@ -78,9 +79,14 @@ def test_the_next_clip_is_prepared_while_the_current_one_renders(actor, settings
         assert prepared.wait(60), "the clip waited for the GPU before encoding its prompts"
         worker.join(0.5)
         assert not results, "the clip rendered while another held the GPU"
+    released = time.perf_counter()
     worker.join(60)
+    since_released = time.perf_counter() - released
     _, clip = results[0]
     assert clip.error is None and clip.started_at is not None
+    # Its GPU time is what it held the GPU for, its render included, not the wait for it.
+    timings = (clip.seconds, clip.gpu_seconds, since_released)
+    assert clip.seconds <= clip.gpu_seconds <= since_released and clip.gpu_type == "cpu", timings
     assert np.array_equal(clip.frames, expected)  # prepared apart, rendered later: the same frames
 
 

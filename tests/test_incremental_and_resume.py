@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -148,6 +149,13 @@ def test_a_dry_run_makes_nothing_and_a_limit_makes_at_most_that_many(store):
     assert dry.manifest.counts == {"planned": 3} and store.exists(dry.manifest.json_key)
     assert all(e.estimated_gpu_seconds and e.reason == "dry run: would be generated" for e in dry.entries)
     assert not any(list(store.list_keys(f"clips/LIM-{n}/")) for n in "ABC")  # nothing generated or stored
+    # The summary shows the estimate: the clips' estimated GPU time, priced as the estimate's GPU type.
+    from tests.test_nightly_flow import flow_run_artifacts
+
+    summary = flow_run_artifacts(dry.flow_run_id)["run-summary"].data
+    estimate = r"^Cost: 3 planned clips estimated at ~[0-9.]+ GPU-hours, ~\$[0-9.]+ on H100$"
+    assert re.search(estimate, summary, re.MULTILINE), summary
+    assert "| **all** |  | 3 | " in summary and "## New clips" not in summary
 
     limited = nightly_catalog(catalog_uri=uri, limit=2)
     assert limited.manifest.counts == {"planned": 1, "published": 2}

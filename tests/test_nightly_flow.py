@@ -7,6 +7,7 @@ import json
 import re
 import subprocess
 import sys
+import urllib.request
 from datetime import UTC, datetime
 
 import numpy as np
@@ -149,7 +150,33 @@ def test_the_run_posts_its_artifacts(sample_run):
     assert sorted(row["sku"] for row in rows) == sorted(p["sku"] for p in SAMPLE_PRODUCTS)
     assert all(row["status"] == "published" and row["clip"].startswith("http") for row in rows)
     assert artifacts["clip-progress"].data == 100.0
-    assert "published" in artifacts["run-summary"].data
+    # The summary a person opens: the cost line, the night's new clips on a contact sheet and each one's
+    # animated preview, every link presigned, and when they expire.
+    summary = artifacts["run-summary"].data
+    lines = summary.splitlines()
+    count = len(SAMPLE_PRODUCTS)
+    assert any(line.startswith(f"Cost: $0.00 for {count} published clips ($0.00 a clip), ") for line in lines)
+    assert " GPU-hours on cpu, " in summary and "Links expire after 24 h, at " in summary
+    assert f"| **all** |  | {count} | " in summary  # the cost table's totals row
+    (sheet,) = re.findall(r"!\[contact sheet of the new clips\]\((http[^)]+)\)", summary)
+    assert f"/runs/{sample_run.run_id}/contact-sheet.jpg?" in sheet and "X-Amz-Signature=" in sheet
+    with urllib.request.urlopen(sheet, timeout=30) as answer, Image.open(io.BytesIO(answer.read())) as image:
+        assert image.format == "JPEG" and image.width > 1000, (image.format, image.size)
+    previews = re.findall(r"!\[[^]]*\]\((http[^)]+\.webp\?[^)]+)\)", summary)
+    assert len(previews) == count and all("X-Amz-Signature=" in link for link in previews)
+    assert "## Failures by reason" not in summary  # none failed
+
+
+def test_each_clip_records_the_gpu_time_it_held_its_type_and_cost(sample_run, store):
+    for entry in sample_run.entries:
+        # Measured on the actor: at least the engine's render, which it includes.
+        assert entry.gpu_seconds is not None and entry.gpu_seconds >= entry.generate_seconds > 0, entry
+        assert (entry.gpu_type, entry.cost_usd) == ("cpu", 0.0), entry
+    document = json.loads(store.get_bytes(sample_run.manifest.json_key))
+    by_clip = {clip["clip_id"]: clip for clip in document["clips"]}
+    for entry in sample_run.entries:
+        clip = by_clip[entry.clip_id]
+        assert (clip["gpu_seconds"], clip["gpu_type"], clip["cost_usd"]) == (entry.gpu_seconds, "cpu", 0.0)
 
 
 def test_a_rerun_skips_everything_and_force_regenerates_the_same_clips(sample_run, store, tmp_path):
@@ -366,9 +393,21 @@ def test_catalog_validate_and_the_run_agree_row_for_row(store):
     summary = flow_run_artifacts(result.flow_run_id)["run-summary"].data
     assert not any(line.startswith("# Heading") for line in summary.splitlines())
     assert "[link](http" not in summary and "\\[link\\]" in summary
-    table = [line for line in summary.splitlines() if line.startswith("| ") and "---" not in line]
+    failed_rows = summary.split("## Failed and quarantined", 1)[1].splitlines()
+    table = [line for line in failed_rows if line.startswith("| ") and "---" not in line]
     # Header + one row per failed or quarantined row, each of five cells: no stray '|' split one.
     assert len(table) == 1 + 17 and all(len(re.findall(r"(?<!\\)\|", line)) == 6 for line in table)
+    # Grouped by reason too: e.g. the rows whose (first) problem is their image, one line with their count and
+    # the first of them as an example.
+    image_rows = [
+        row
+        for row, e in sorted(by_row.items())
+        if e.stage == "plan" and e.reason.startswith(f"row {row} (sku {e.sku!r}), field 'image_uri': ")
+    ]
+    assert len(image_rows) >= 3 and {11, 12, 18} <= set(image_rows), image_rows
+    kind = r"\| failed \| plan \| field 'image\\_uri' \|"
+    group = rf"^{kind} {len(image_rows)} \| row {image_rows[0]} \S+: field 'image\\_uri': "
+    assert re.search(group, summary, re.MULTILINE), summary
 
 
 def test_a_file_that_is_not_parquet_fails_once_in_one_line(store, tmp_path):

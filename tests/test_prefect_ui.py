@@ -80,31 +80,33 @@ def ui_run(store: ObjectStore, prefect_ui_server: PrefectUIServer) -> UIRun:
     return UIRun(result, {f"nightly-{day:%Y-%m-%d}" for day in (started, ended)})
 
 
-def open_page(url: str, screenshot: Path | None = None) -> Page:
-    dom = render(url, screenshot=screenshot, window=WINDOW)
+def open_page(url: str, screenshot: Path | None = None, window: tuple[int, int] = WINDOW) -> Page:
+    dom = render(url, screenshot=screenshot, window=window)
     if screenshot is not None:
-        assert_not_blank(screenshot)
+        assert_not_blank(screenshot, window)
     return parse_page(dom)
 
 
-def assert_not_blank(png: Path) -> None:
+def assert_not_blank(png: Path, window: tuple[int, int] = WINDOW) -> None:
     """A real page, not an empty or single-colour frame: a blank 1400x1000 PNG is ~6 KB and flat."""
     assert png.stat().st_size > 20_000, (png, png.stat().st_size)
     with Image.open(png) as image:
-        assert image.size == WINDOW
+        assert image.size == window
         rgb = image.convert("RGB")
         assert ImageStat.Stat(rgb.convert("L")).stddev[0] > 5, png
-        assert len(rgb.getcolors(maxcolors=WINDOW[0] * WINDOW[1]) or []) > 100, png
+        assert len(rgb.getcolors(maxcolors=window[0] * window[1]) or []) > 100, png
 
 
-def follow_to_artifact(ui: PrefectUI, run_page: Page, key: str, screenshot: Path) -> Page:
+def follow_to_artifact(
+    ui: PrefectUI, run_page: Page, key: str, screenshot: Path, window: tuple[int, int] = WINDOW
+) -> Page:
     """Click the run's card for ``key``, then the newest artifact on the key's page, as a person would."""
     (card,) = run_page.links_to(f"{ui.base_path}/artifacts/key/{key}")
     key_page = open_page(ui.url(card.href))
     # The key's page lists every artifact with that key, newest first: this run's is the newest.
     artifacts = key_page.links_to(f"{ui.base_path}/artifacts/artifact/")
     assert artifacts, f"no artifact link on the page of key {key}: {key_page.text[:2000]}"
-    return open_page(ui.url(artifacts[0].href), screenshot)
+    return open_page(ui.url(artifacts[0].href), screenshot, window)
 
 
 @pytest.fixture(scope="module")
@@ -164,12 +166,13 @@ def test_the_clip_summary_table_lists_every_clip_as_published(
         assert f"/clips/{sku}/" in row["clip"] and ".mp4?" in row["clip"] and "X-Amz-" in row["clip"], row
 
 
-def test_the_run_summary_shows_the_run_its_counts_and_manifest(
+def test_the_nightly_summary_shows_the_run_its_cost_new_clips_and_manifest(
     ui_run: UIRun, run_page: Page, prefect_ui: PrefectUI, store: ObjectStore, artifacts_dir: Path
 ):
     result = ui_run.result
+    # Tall enough for the whole summary in the screenshot: counts, cost line, contact sheet, previews.
     page = follow_to_artifact(
-        prefect_ui, run_page, "run-summary", artifacts_dir / "prefect-ui-run-summary.png"
+        prefect_ui, run_page, "run-summary", artifacts_dir / "prefect-ui-run-summary.png", (1400, 2000)
     )
     assert page.title == "Artifact: run-summary • Prefect Server", page.title
     assert f"{prefect_ui.base_path}/runs/flow-run/{result.flow_run_id}" in {link.href for link in page.links}
@@ -178,3 +181,13 @@ def test_the_run_summary_shows_the_run_its_counts_and_manifest(
     assert re.search(rf"published\s*:\s*{len(SKUS)}", page.text), page.text[:2000]
     assert "# Run" not in page.text and "**published**" not in page.text
     assert f"Manifest: {store.uri(result.manifest.parquet_key)}" in page.text, page.text[:2000]
+    cost_line = rf"Cost: \$0\.00 for {len(SKUS)} published clips .* GPU-hours on cpu"
+    assert re.search(cost_line, page.text), page.text[:3000]
+    assert "Links expire after 24 h, at " in page.text
+    # The new clips: the contact sheet, then each clip's animated preview, as images from presigned links.
+    assert "New clips" in page.headings and "Cost" in page.headings, page.headings
+    by_alt = {image.alt: image.src for image in page.images}
+    sheet = by_alt["contact sheet of the new clips"]
+    assert f"/runs/{result.run_id}/contact-sheet.jpg?" in sheet and "X-Amz-Signature=" in sheet, sheet
+    for sku in SKUS:
+        assert f"/clips/{sku}/" in by_alt[sku] and ".webp?" in by_alt[sku], by_alt

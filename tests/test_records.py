@@ -27,17 +27,17 @@ def test_every_manifest_entry_field_is_a_manifest_column():
 def test_a_new_entry_field_reaches_the_parquet_manifest():
     @dataclass(frozen=True, kw_only=True)
     class WithCost(ManifestEntry):
-        gpu_seconds: float | None = None
+        energy_kwh: float | None = None
         cost_breakdown: dict[str, float] = field(default_factory=dict)
 
     entries = [
-        WithCost(run_id="r", row=1, sku="A", status=ClipStatus.PUBLISHED, gpu_seconds=12.5),
+        WithCost(run_id="r", row=1, sku="A", status=ClipStatus.PUBLISHED, energy_kwh=12.5),
         WithCost(run_id="r", row=0, sku="B", status=ClipStatus.FAILED, cost_breakdown={"gpu": 0.1}),
     ]
     buffer = io.BytesIO()
     pq.write_table(manifest_table(entries), buffer)
     table = pq.read_table(io.BytesIO(buffer.getvalue()))
-    assert table.column("gpu_seconds").to_pylist() == [None, 12.5]
+    assert table.column("energy_kwh").to_pylist() == [None, 12.5]
     assert table.column("cost_breakdown").to_pylist() == ['{"gpu": 0.1}', "{}"]
 
 
@@ -58,6 +58,7 @@ def test_records_are_keyword_only():
 def test_light_modules_import_no_torch():
     code = (
         "import sys; import catalogs, catalogs.sheets, tasks.records, tasks.planning, flows.cli; "
+        "import tasks.cost, tasks.run_report; "
         "import flows.intake; "
         "heavy = sorted(m for m in ('torch', 'diffusers', 'ray') if m in sys.modules); "
         "print(','.join(heavy)); sys.exit(1 if heavy else 0)"
