@@ -44,6 +44,7 @@ from infra.settings import Settings
 from tasks.manifest import ManifestLocation, status_counts
 from tasks.records import ClipStatus, ManifestEntry
 from tests.catalog_upload import upload_catalog
+from tests.cli_process import run_wanfactory
 
 ROOT = Path(__file__).resolve().parents[1]
 BLOCK = f"block {ALERT_BLOCK}"
@@ -195,17 +196,6 @@ def prefect_api(tmp_path_factory) -> Iterator[str]:
             server.wait()
 
 
-def _wanfactory(*args: str, env: dict[str, str], timeout: float) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-c", "from flows.cli import main; main()", *args],
-        env=env,
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
-
-
 @pytest.mark.services  # starts its own Prefect server
 @pytest.mark.usefixtures("ray_cluster")
 def test_a_run_that_fails_for_the_infrastructure_is_announced_with_its_name_and_counts(
@@ -234,13 +224,13 @@ def test_a_run_that_fails_for_the_infrastructure_is_announced_with_its_name_and_
         "RAY_AUTH_MODE": "disabled",
         "WANFACTORY_MODEL_ROOT": store.uri("models/none-here"),
     }
-    applied = _wanfactory("automations", "apply", env=env, timeout=120)
+    applied = run_wanfactory("automations", "apply", env=env, timeout=120)
     assert applied.returncode == 0, applied.stderr[-3000:]
     for name in (BLOCK, ZOMBIE_AUTOMATION, FAILED_RUN_ALERT, INFRA_FAILURE_ALERT):
         assert f"created   {name}" in applied.stdout, applied.stdout
     assert receiver.url.rsplit("/", 1)[1] not in applied.stdout + applied.stderr  # the URL's secret part
 
-    run = _wanfactory("run", "nightly", "--catalog", catalog, env=env, timeout=300)
+    run = run_wanfactory("run", "nightly", "--catalog", catalog, env=env, timeout=300)
     output = run.stdout + run.stderr
     assert run.returncode == 1 and "3 clips failed for the infrastructure" in output, output[-3000:]
 

@@ -8,8 +8,6 @@ import csv
 import io
 import os
 import socket
-import subprocess
-import sys
 import time
 from dataclasses import replace
 
@@ -20,16 +18,7 @@ from infra.objectstore import ObjectStore
 from infra.settings import Settings
 from tasks.manifest import write_manifest
 from tasks.records import ClipStatus, ManifestEntry
-
-
-def _wanfactory(*args: str, env: dict[str, str], timeout: float = 120) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-c", "from flows.cli import main; main()", *args],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
+from tests.cli_process import run_wanfactory
 
 
 def test_an_endpoint_that_never_answers_fails_within_the_configured_time():
@@ -44,7 +33,7 @@ def test_an_endpoint_that_never_answers_fails_within_the_configured_time():
             "WANFACTORY_S3_RETRIES": "1",
         }
         started = time.monotonic()
-        result = _wanfactory(
+        result = run_wanfactory(
             "catalog", "validate", "s3://wanfactory/catalogs/sample/catalog.parquet", env=env
         )
         elapsed = time.monotonic() - started
@@ -61,7 +50,7 @@ def test_a_refused_credential_fails_at_once_in_one_line(settings, store):
         (settings.s3_access_key, "a-wrong-secret", "SignatureDoesNotMatch"),
     ):
         env = {**os.environ, "WANFACTORY_S3_ACCESS_KEY": key, "WANFACTORY_S3_SECRET_KEY": secret}
-        result = _wanfactory("catalog", "validate", store.uri("catalogs/sample/catalog.parquet"), env=env)
+        result = run_wanfactory("catalog", "validate", store.uri("catalogs/sample/catalog.parquet"), env=env)
         assert result.returncode == 2, result.stdout + result.stderr
         assert result.stderr.startswith(
             f"error: the object store at {settings.s3_endpoint} refused the credential ({code})"
@@ -71,7 +60,7 @@ def test_a_refused_credential_fails_at_once_in_one_line(settings, store):
 
 def test_a_bad_setting_is_named_in_one_line():
     env = {**os.environ, "WANFACTORY_S3_READ_TIMEOUT_SECONDS": "soon"}
-    result = _wanfactory("catalog", "validate", "catalog.parquet", env=env)
+    result = run_wanfactory("catalog", "validate", "catalog.parquet", env=env)
     assert result.returncode == 2, result.stdout + result.stderr
     assert result.stderr == (
         "error: WANFACTORY_S3_READ_TIMEOUT_SECONDS='soon': "
@@ -96,7 +85,7 @@ def test_a_manifest_spooled_during_an_outage_is_delivered_by_the_next_command(se
     assert location.spooled and not store.exists(location.json_key)
 
     env = {**os.environ, "WANFACTORY_STATE_DIR": str(state_dir)}
-    result = _wanfactory("outputs", "--run", run_id, env=env)
+    result = run_wanfactory("outputs", "--run", run_id, env=env)
     assert result.returncode == 0, result.stdout + result.stderr
     assert result.stderr.startswith("delivered 2 manifest files spooled during an outage: "), result.stderr
     assert f"run {run_id} (s3://catalogs/spool.parquet): {{'failed': 1}}" in result.stdout
@@ -146,7 +135,7 @@ def test_a_sheet_whose_headers_are_not_in_row_1_fails_in_one_line(
     sheet = tmp_path / name
     sheet.write_bytes(data)
     env = {**os.environ, "WANFACTORY_STATE_DIR": str(tmp_path / "state")}
-    result = _wanfactory("ab", "submit", str(sheet), env=env)
+    result = run_wanfactory("ab", "submit", str(sheet), env=env)
     assert result.returncode == 2, result.stdout + result.stderr
     assert result.stderr.startswith(expected), result.stderr
     assert result.stderr.count("\n") == 1 and "Traceback" not in result.stderr

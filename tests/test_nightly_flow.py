@@ -5,8 +5,6 @@ from __future__ import annotations
 import io
 import json
 import re
-import subprocess
-import sys
 import urllib.request
 from datetime import UTC, datetime
 
@@ -23,6 +21,7 @@ from tasks.postprod.motion import conform_frame_count
 from tasks.postprod.verify import verify_clip
 from tasks.postproduction import trust_anchor
 from tasks.records import ClipStatus
+from tests.cli_process import run_wanfactory
 from tests.media import decode_frames, probe_video, top_level_boxes
 
 pytestmark = pytest.mark.usefixtures("tiny_models", "prefect_server", "ray_cluster")
@@ -417,12 +416,7 @@ def test_a_file_that_is_not_parquet_fails_once_in_one_line(store, tmp_path):
 
     not_parquet = tmp_path / "catalog.parquet"
     not_parquet.write_text("sku,title,description\nA,Mug,A mug.\n")  # a CSV under a Parquet name
-    validate = subprocess.run(
-        [sys.executable, "-c", "from flows.cli import main; main()", "catalog", "validate", str(not_parquet)],
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    validate = run_wanfactory("catalog", "validate", str(not_parquet))
     assert validate.returncode == 2, validate.stdout + validate.stderr
     assert validate.stderr.startswith("error: ") and validate.stderr.count("\n") == 1, validate.stderr
     assert f"{not_parquet} is not a Parquet file" in validate.stderr

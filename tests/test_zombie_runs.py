@@ -15,7 +15,6 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
 from datetime import UTC, datetime
 from pathlib import Path
@@ -34,8 +33,8 @@ from flows.automations import (
 from flows.runs import DEPLOYMENTS
 from infra.settings import Settings
 from tests.catalog_upload import upload_catalog
+from tests.cli_process import ROOT, WANFACTORY
 
-ROOT = Path(__file__).resolve().parents[1]
 HEARTBEAT_S, WINDOW_S = 30, 60
 CATALOG_TAG = "catalog:zombie"  # the run's tag, from the catalog's folder
 SKUS = [f"ZMB-{n}" for n in range(6)]
@@ -174,15 +173,7 @@ def _api_url() -> str:
 def _wanfactory_run(catalog: str, env: dict[str, str], log: Path) -> tuple[subprocess.Popen, Path]:
     with log.open("wb") as out:
         process = subprocess.Popen(
-            [
-                sys.executable,
-                "-c",
-                "from flows.cli import main; main()",
-                "run",
-                "nightly",
-                "--catalog",
-                catalog,
-            ],
+            [*WANFACTORY, "run", "nightly", "--catalog", catalog],
             env=env,
             stdout=out,
             stderr=subprocess.STDOUT,
