@@ -18,11 +18,12 @@ from prefect.states import Failed, State
 
 from flows.automations import INFRA_FAILURE_SHARE_EVENT
 from infra.settings import Settings
+from tasks import metrics
 from tasks.fleet import FleetStartError, actor_groups, connect_ray, plan_fleets
 from tasks.manifest import ManifestLocation
 from tasks.planning import Plan
 from tasks.publish import FinishingContext
-from tasks.records import INPUT_STAGES, ClipSpec, ClipStatus, ManifestEntry, failed_entry
+from tasks.records import ClipSpec, ClipStatus, ManifestEntry, ReasonClass, failed_entry
 from tasks.units import RunProgress, render_batch_task, start_fleet_task, write_manifest_task
 
 
@@ -45,9 +46,7 @@ class RunResult:
 
     def infrastructure_failures(self) -> Counter[str]:
         """Clips that failed for the infrastructure, not their input, by the stage they stopped at."""
-        return Counter(
-            e.stage for e in self.entries if e.status == ClipStatus.FAILED and e.stage not in INPUT_STAGES
-        )
+        return Counter(e.stage for e in self.entries if e.reason_class == ReasonClass.INFRASTRUCTURE)
 
     def clips_set_out(self) -> int:
         """The clips the run set out to make: every entry but rows rejected for their input, clips already
@@ -56,7 +55,7 @@ class RunResult:
             1
             for e in self.entries
             if e.status not in (ClipStatus.SKIPPED, ClipStatus.PLANNED)
-            and not (e.status == ClipStatus.FAILED and e.stage in INPUT_STAGES)
+            and e.reason_class != ReasonClass.INPUT
         )
 
     def infrastructure_failure_share(self) -> float:
@@ -166,6 +165,9 @@ def render_plan(
         made = _render_clips(plan.clips, settings, run_id, finishing, progress, logger, checkpoint)
     finally:
         progress.close()
+    # The rows that never reached a fleet (render_batch_task counts the clips that did).
+    for entry in plan.entries:
+        metrics.clip_ended(entry)
     return Rendering([*plan.entries, *made.entries], made.load_seconds)
 
 
@@ -213,7 +215,10 @@ def _render_clips(
             fleet = start_fleet_task(shape, groups, settings, run_id, finishing)
         except FleetStartError as err:
             logger.error("%s", err)
-            entries += [failed_entry(clip, run_id, "load", str(err)) for clip in batch_clips]
+            failed = [failed_entry(clip, run_id, "load", str(err)) for clip in batch_clips]
+            for entry in failed:
+                metrics.clip_ended(entry)
+            entries += failed
             progress.advance(len(batch_clips))
             continue
         rendering.load_seconds.update(fleet.load_seconds)

@@ -164,8 +164,29 @@ class Settings(BaseSettings):
     cpu_actors_per_model: int = Field(1, ge=1, description="generator actors per model when Ray sees no GPU")
     actor_num_cpus: float = Field(0.5, gt=0, description="CPUs reserved by each generator actor")
     finisher_num_cpus: float = Field(0.5, gt=0, description="CPUs reserved by each encode-and-upload task")
+    # The watchdog for hung clips (tasks/watchdog.py).
+    clip_deadline_factor: float = Field(
+        3.0,
+        ge=0,
+        description="a clip that holds its GPU longer than this many times its estimated GPU-seconds (one "
+        "H100, full-size model: wan_engine/cost.py), and longer than the floor, is stopped: its actor is "
+        "restarted and the clip retried once, then failed as timed out; raise it on GPUs slower than an H100",
+    )
+    clip_deadline_floor_seconds: float = Field(
+        120.0,
+        gt=0,
+        description="the shortest deadline of a clip on its GPU, whatever its estimate: room for a clip at a "
+        "shape its actor did not warm up at, which compiles again (~40 s for A14B)",
+    )
     ray_object_store_bytes: int = Field(
         1_000_000_000, description="object store size of a locally started Ray"
+    )
+    ray_metrics_export_port: int | None = Field(
+        None,
+        ge=1,
+        le=65535,
+        description="where a locally started Ray serves its Prometheus metrics (/metrics), ours included; "
+        "unset: a port Ray picks. Cluster nodes set theirs with `ray start --metrics-export-port`",
     )
 
     # Runs.

@@ -8,7 +8,8 @@ clips are post-processed and uploaded while the GPUs generate the next ones.
 
 A lost actor loses nothing: when an actor's process dies (a crash, the OOM killer, its
 node), Ray restarts it with its model, the clips it held are generated again (a bounded
-number of times) and the manifest records each lost attempt.
+number of times) and the manifest records each lost attempt. A hung one is stopped: a clip that holds
+its GPU past its deadline (tasks/watchdog.py) has its actor killed and restarted the same way.
 """
 
 from __future__ import annotations
@@ -19,8 +20,10 @@ import logging
 import os
 import threading
 import time
+import uuid
 from collections import Counter, deque
 from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
@@ -34,10 +37,19 @@ from transformers.utils import logging as transformers_logging
 from catalogs.sources import read_bytes
 from infra.objectstore import ObjectStore
 from infra.settings import ObjectStoreConfig, Settings
+from tasks import metrics
 from tasks.cost import CPU, gpu_type_key, priced
 from tasks.publish import Finisher, FinishingContext
 from tasks.records import ClipSpec, GeneratedClip, Loadout, ManifestEntry, failed_entry
-from wan_engine import AdapterWeights, EngineOptions, WanGenerator, get_model_spec, model_location
+from tasks.watchdog import GpuHolds, clip_deadline, timed_out
+from wan_engine import (
+    AdapterWeights,
+    EngineOptions,
+    GeneratedVideo,
+    WanGenerator,
+    get_model_spec,
+    model_location,
+)
 from wan_engine.adapters import adapter_cache, local_adapter
 
 log = logging.getLogger(__name__)
@@ -66,6 +78,17 @@ CLIP_RETRIES = 2
 # Restarts per actor (each reloads the model): a clip that kills its actor on every attempt uses
 # 1 + CLIP_RETRIES of them and leaves as many again for the rest of the run.
 ACTOR_MAX_RESTARTS = 2 * (1 + CLIP_RETRIES)
+# Times a clip is generated again after the watchdog stopped it for holding its GPU past its deadline
+# (tasks/watchdog.py): once, in case its actor or GPU was at fault; a clip that hangs again is failed
+# rather than taking another actor's time. Each stop restarts an actor, within ACTOR_MAX_RESTARTS.
+CLIP_TIMEOUT_RETRIES = 1
+# The watchdog's registry answers in milliseconds; past this, the dispatcher goes on and asks again later.
+GPU_HOLDS_ANSWER_TIMEOUT_S = 10.0
+# The dispatcher looks at the GPU holds a tenth of the deadline floor apart, and at least this often:
+# a hung clip is stopped that long after its deadline at most, for one small call per look.
+WATCH_INTERVAL_MAX_S = 10.0
+# The registry's name begins so: a person (or a test) finds a running fleet's with ray.util.list_named_actors.
+GPU_HOLDS_NAME_PREFIX = "wanfactory-gpu-holds-"
 # A restart reloads the model: minutes at real size, more when a new host first downloads the weights.
 # Past this, the restart cannot be placed (no node with a free GPU): the actor is given up.
 ACTOR_RESTART_TIMEOUT_S = 1800.0
@@ -89,6 +112,8 @@ def connect_ray(settings: Settings) -> None:
         _node_ip_address="127.0.0.1",
         object_store_memory=settings.ray_object_store_bytes,
         log_to_driver=True,
+        # Ray's per-node metrics agent serves it without the dashboard (tasks/metrics.py).
+        _metrics_export_port=settings.ray_metrics_export_port,
     )
 
 
@@ -111,7 +136,10 @@ class GeneratorActor:
         store_config: ObjectStoreConfig,
         options: EngineOptions,
         fused_adapters: Sequence[AdapterWeights] = (),
+        gpu_holds: ray.actor.ActorHandle | None = None,
     ) -> None:
+        """``gpu_holds``: the fleet's :class:`~tasks.watchdog.GpuHolds`, told when a clip takes and lets go of
+        the GPU (None: no watchdog watches this actor)."""
         started = time.perf_counter()
         # Loading bars from many actors interleave into noise in the driver's log.
         diffusers_logging.disable_progress_bar()
@@ -129,6 +157,7 @@ class GeneratorActor:
         )
         self.adapter_cache = adapter_cache(cache_dir)
         self.render_lock = threading.Lock()
+        self.gpu_holds = gpu_holds
         gpus = ray.get_gpu_ids()
         node = ray.get_runtime_context().get_node_id()[:8]
         self.worker = f"{node}/{'gpu' + ','.join(map(str, gpus)) if gpus else 'cpu'}/pid{os.getpid()}"
@@ -157,19 +186,23 @@ class GeneratorActor:
         """
         held_since = None  # perf_counter when the clip took the GPU
         try:
+            fetch_started = time.perf_counter()
             image = self._image(clip) if clip.image_uri else None
             adapters = tuple(
                 local_adapter(a, self.adapter_cache, self.store.client) for a in clip.request.adapters
             )
+            fetch_seconds = time.perf_counter() - fetch_started
             request = replace(clip.request, image=image, adapters=adapters)
             prepared = self.generator.prepare(request) if self.generator.prepares_concurrently else None
-            with self.render_lock:
+            with self.render_lock, self._holding_gpu(clip):
                 started_at, held_since = datetime.now(UTC), time.perf_counter()
                 # Frames are on the host when render returns: the GPU is free for the next clip.
                 video = self.generator.render(prepared or self.generator.prepare(request))
                 gpu_seconds = time.perf_counter() - held_since
         except Exception as err:
             log.warning("generation failed clip_id=%s error=%s", clip.clip_id, err)
+            if isinstance(err, torch.OutOfMemoryError):
+                metrics.count(metrics.OUT_OF_MEMORY, model=clip.model.name, where="gpu")
             return self.worker, GeneratedClip(
                 clip=clip,
                 frames=None,
@@ -179,6 +212,7 @@ class GeneratorActor:
                 gpu_type=self.gpu_type,
                 error=f"{type(err).__name__}: {err}",
             )
+        self._record_stages(clip, video, fetch_seconds)
         return self.worker, GeneratedClip(
             clip=clip,
             frames=video.frames,
@@ -193,6 +227,31 @@ class GeneratorActor:
             gpu_seconds=gpu_seconds,
             gpu_type=self.gpu_type,
         )
+
+    @staticmethod
+    def _record_stages(clip: ClipSpec, video: GeneratedVideo, fetch_seconds: float) -> None:
+        """The clip's stage latencies and adapter swap, for Prometheus (tasks.metrics)."""
+        stages = dict(video.stage_seconds)
+        # Preparing a clip is fetching its image and adapters, then encoding its prompts.
+        stages["prepare"] = fetch_seconds + stages.pop("encode", 0.0)
+        if video.adapter_swap_seconds is not None:
+            stages["adapter_swap"] = video.adapter_swap_seconds
+            metrics.count(metrics.ADAPTER_SWAPS, model=clip.model.name)
+        metrics.stage_seconds(clip, stages)
+
+    @contextmanager
+    def _holding_gpu(self, clip: ClipSpec) -> Iterator[None]:
+        """Tell the watchdog's registry that this call holds the GPU until the block ends. Not awaited:
+        Ray sends it from its own threads, so it goes out even if this one hangs right after."""
+        if self.gpu_holds is None:
+            yield
+            return
+        call = ray.get_runtime_context().get_task_id()  # the id the dispatcher reads from the call's ref
+        self.gpu_holds.took.remote(call, clip.clip_id, clip.label, self.worker)
+        try:
+            yield
+        finally:
+            self.gpu_holds.released.remote(call)
 
     def _image(self, clip: ClipSpec) -> Image.Image:
         data = read_bytes(clip.image_uri, self.store.client)
@@ -258,6 +317,8 @@ class ClipQueue:
         self._by_adapters: dict[AdapterKey, deque[ClipSpec]] = {}
         for clip in sorted(clips, key=lambda c: len(adapter_key(c)) > 0):  # clips without adapters first
             self._by_adapters.setdefault(adapter_key(clip), deque()).append(clip)
+        # When each queued clip joined the queue (monotonic), for its queue wait (tasks.metrics).
+        self._queued_at = dict.fromkeys((clip.clip_id for clip in clips), time.monotonic())
 
     def __bool__(self) -> bool:
         return any(self._by_adapters.values())
@@ -273,9 +334,14 @@ class ClipQueue:
     def take(self, holding: AdapterKey) -> ClipSpec:
         return self._queue_for(holding).popleft()
 
+    def waited(self, clip: ClipSpec) -> float:
+        """Seconds a clip just taken spent in the queue since it joined it (or was put back)."""
+        return time.monotonic() - self._queued_at.pop(clip.clip_id)
+
     def put_back(self, clip: ClipSpec) -> None:
         """At the front of its set: it has waited its turn once already."""
         self._by_adapters.setdefault(adapter_key(clip), deque()).appendleft(clip)
+        self._queued_at[clip.clip_id] = time.monotonic()
 
 
 @dataclass(frozen=True)
@@ -332,6 +398,12 @@ def admits_generation(
     return waiting + candidate.frames_bytes <= budget_bytes
 
 
+def retries_lost_attempt(reasons: Sequence[str]) -> bool:
+    """Whether a clip is generated again after the attempts lost with their actor for ``reasons`` (oldest
+    first): up to CLIP_RETRIES of them, of which up to CLIP_TIMEOUT_RETRIES stopped by the watchdog."""
+    return len(reasons) <= CLIP_RETRIES and sum(map(timed_out, reasons)) <= CLIP_TIMEOUT_RETRIES
+
+
 class FleetStartError(RuntimeError):
     """A model could not be loaded on its actors."""
 
@@ -367,8 +439,24 @@ class GenerationFleet:
     ) -> None:
         """``shape.actors`` counts actors by group name; ``groups`` says what each group's actors load."""
         self.run_id = run_id
+        # Each actor group's model, as the metrics and the manifest name it.
+        self.model_names = {
+            name: get_model_spec(group.loadout.family, settings.model_variant).name
+            for name, group in groups.items()
+        }
         self.store_config = settings.object_store()
         self.gpu_prices = settings.gpu_price_per_hour
+        self.deadline_factor = settings.clip_deadline_factor
+        self.deadline_floor = settings.clip_deadline_floor_seconds
+        self.watch_interval = min(WATCH_INTERVAL_MAX_S, self.deadline_floor / 10)
+        # The watchdog's registry: no CPU of its own (a few small calls per clip); restarted if it dies.
+        self.gpu_holds = (
+            ray.remote(GpuHolds)
+            .options(
+                name=f"{GPU_HOLDS_NAME_PREFIX}{run_id}-{uuid.uuid4().hex[:8]}", num_cpus=0, max_restarts=-1
+            )
+            .remote()
+        )
         self.finishing_budget_bytes = int(
             FINISHING_MEMORY_SHARE * ray.cluster_resources().get("object_store_memory", 0)
         )
@@ -405,6 +493,7 @@ class GenerationFleet:
                     self.store_config,
                     engine_options(settings, groups[name]),
                     groups[name].loadout.fused_adapters,
+                    self.gpu_holds,
                 )
                 for _ in range(count)
             ]
@@ -439,6 +528,8 @@ class GenerationFleet:
         for clip in unknown:
             yield failed_entry(clip, self.run_id, "generate", f"no actor holds {clip.loadout.name}")
         lost: dict[str, list[str]] = {}  # clip id -> why each of its lost attempts was lost
+        timed_out_calls: dict[ray.ObjectRef, str] = {}  # generate calls the watchdog stopped -> why
+        watched = time.monotonic()  # when the watchdog last looked at the GPU holds
         in_flight = {id(member): 0 for member in self._members}  # clips sent and not answered yet
         generating: dict[ray.ObjectRef, tuple[ClipSpec, _Member, ray.ObjectRef]] = {}
         finishing: dict[ray.ObjectRef, tuple[ClipSpec, int]] = {}  # -> the clip and its finisher's index
@@ -464,10 +555,15 @@ class GenerationFleet:
                     )
                 ):
                     clip = queue.take(member.holding)
+                    metrics.stage_seconds(clip, {"queue_wait": queue.waited(clip)})
                     member.holding = adapter_key(clip)
                     done, frames = member.handle.generate.remote(clip)
                     generating[done] = (clip, member, frames)
                     in_flight[id(member)] += 1
+            metrics.clips_in_flight(len(generating), len(finishing))
+            if generating and time.monotonic() - watched >= self.watch_interval:
+                self._stop_hung_clips(generating, timed_out_calls)
+                watched = time.monotonic()
             restarts = {m.restart: m for m in self._members if m.restart is not None}
             if not (generating or finishing or restarts):
                 continue  # every queued clip was just failed as an orphan
@@ -475,23 +571,28 @@ class GenerationFleet:
                 [*generating, *finishing, *restarts],
                 num_returns=1,
                 fetch_local=False,
-                timeout=self._restart_wait(),
+                timeout=self._wait_seconds(watched + self.watch_interval if generating else None),
             )
             for ref in ready:
                 if ref in restarts:
                     self._restarted(restarts[ref])
                 elif ref in generating:
                     clip, member, frames = generating.pop(ref)
+                    stopped = timed_out_calls.pop(ref, None)  # the watchdog's reason, if it stopped it
                     # Answered, by its frames or by the actor's death: its place is free again either way.
                     in_flight[id(member)] -= 1
                     try:
                         ray.get(ref)  # the worker's name, small: the frames stay where they are
                     except GENERATION_LOST as err:
-                        self._actor_lost(member, err)
-                        if entry := self._lost_attempt(clip, err, queues, lost):
+                        self._actor_lost(member, type(err).__name__)
+                        self.gpu_holds.released.remote(ref.task_id().hex())  # a dead process never says so
+                        reason = stopped or f"{type(err).__name__}: {err}"
+                        if entry := self._lost_attempt(clip, reason, queues, lost):
                             yield entry
                         continue
                     except ray.exceptions.RayError as err:
+                        if isinstance(err, ray.exceptions.OutOfMemoryError):  # Ray's memory monitor
+                            metrics.count(metrics.OUT_OF_MEMORY, model=clip.model.name, where="host")
                         yield failed_entry(clip, self.run_id, "generate", f"{type(err).__name__}: {err}")
                         continue
                     # The frames go from the actor's node to the finisher without passing through here;
@@ -504,6 +605,7 @@ class GenerationFleet:
                     finisher_load[index] -= 1
                     if entry := self._entry(ref, clip, queues, lost):
                         yield entry
+        metrics.clips_in_flight(0, 0)
 
     def _entry(
         self,
@@ -516,7 +618,7 @@ class GenerationFleet:
         try:
             entry = priced(ray.get(ref), self.gpu_prices)
         except GENERATION_LOST as err:
-            return self._lost_attempt(clip, err, queues, lost)
+            return self._lost_attempt(clip, f"{type(err).__name__}: {err}", queues, lost)
         except ray.exceptions.RayError as err:
             # The finisher died or raised (not a failure of the clip itself), after Ray's own retries.
             entry = failed_entry(clip, self.run_id, "generate", f"{type(err).__name__}: {err}")
@@ -526,34 +628,40 @@ class GenerationFleet:
     def _lost_attempt(
         self,
         clip: ClipSpec,
-        err: ray.exceptions.RayError,
+        error: str,
         queues: dict[str, ClipQueue],
         lost: dict[str, list[str]],
     ) -> ManifestEntry | None:
-        """Queue a clip again after an attempt lost with its actor; once retries are spent, its failure."""
+        """Queue a clip again after an attempt lost with its actor (for ``error``); once its retries are
+        spent, its failure: as timed out when the watchdog stopped the last attempt."""
         errors = lost.setdefault(clip.clip_id, [])
-        errors.append(f"{type(err).__name__}: {err}")
-        if len(errors) <= CLIP_RETRIES:
+        errors.append(error)
+        if retries_lost_attempt(errors):
             log.warning(
                 "clip attempt lost with its actor clip_id=%s of=%s attempt=%d error=%s",
                 clip.clip_id,
                 clip.label,
                 len(errors),
-                type(err).__name__,
+                error,
             )
             queues[clip.loadout.name].put_back(clip)
             return None
-        reason = f"lost with its generator actor on all {len(errors)} attempts; last: {errors[-1]}"
+        reason = (
+            error
+            if timed_out(error)
+            else f"lost with its generator actor on all {len(errors)} attempts; last: {error}"
+        )
         log.error("clip failed clip_id=%s of=%s stage=generate reason=%s", clip.clip_id, clip.label, reason)
         return failed_entry(
             clip, self.run_id, "generate", reason, attempts=len(errors), retried_after=errors[:-1]
         )
 
-    def _actor_lost(self, member: _Member, err: ray.exceptions.RayError) -> None:
+    def _actor_lost(self, member: _Member, why: str) -> None:
         """Take an actor out of service until Ray has restarted it (its other clips fail the same way)."""
         if member.restart is not None or member.gone:
             return
-        log.warning("generator actor lost worker=%s error=%s", member.worker, type(err).__name__)
+        log.warning("generator actor lost worker=%s error=%s", member.worker, why)
+        metrics.count(metrics.ACTOR_RESTARTS, model=self.model_names[member.group])
         # Retried across the restart, so it answers once the new process has loaded the model, or
         # raises ActorDiedError when the actor is dead for good. Calls sent meanwhile would fail at once.
         member.restart = member.handle.name.options(max_task_retries=-1).remote()
@@ -572,10 +680,47 @@ class GenerationFleet:
         member.holding = ()  # a new process: its adapter slot starts empty
         log.info("generator actor restarted worker=%s", member.worker)
 
-    def _restart_wait(self) -> float | None:
-        """How long the dispatcher may wait before the oldest restart is due to be given up."""
-        since = [m.restart_since for m in self._members if m.restart is not None]
-        return max(0.0, min(since) + ACTOR_RESTART_TIMEOUT_S - time.monotonic()) if since else None
+    def _stop_hung_clips(
+        self,
+        generating: Mapping[ray.ObjectRef, tuple[ClipSpec, _Member, ray.ObjectRef]],
+        timed_out_calls: dict[ray.ObjectRef, str],
+    ) -> None:
+        """The watchdog: kill the actors whose clip has held the GPU past its deadline, noting why in
+        ``timed_out_calls``. Ray restarts them with their model, and the clip's call then ends as lost with
+        its actor. The holds are the registry's: a hung actor is never asked."""
+        try:
+            holds = ray.get(self.gpu_holds.held.remote(), timeout=GPU_HOLDS_ANSWER_TIMEOUT_S)
+        except ray.exceptions.RayError as err:
+            log.warning("watchdog: the GPU holds registry did not answer error=%s", type(err).__name__)
+            return
+        for ref, (clip, member, _) in generating.items():
+            hold = holds.get(ref.task_id().hex())
+            if hold is None or ref in timed_out_calls or not member.serving:
+                continue
+            deadline = clip_deadline(clip, self.deadline_factor, self.deadline_floor)
+            if hold.seconds <= deadline.seconds:
+                continue
+            timed_out_calls[ref] = deadline.reason(hold.seconds)
+            metrics.count(metrics.CLIP_TIMEOUTS, model=clip.model.name)
+            log.error(
+                "watchdog: clip held its GPU past its deadline, restarting its actor clip_id=%s of=%s "
+                "worker=%s reason=%s",
+                clip.clip_id,
+                clip.label,
+                hold.worker,
+                timed_out_calls[ref],
+            )
+            metrics.count(metrics.CLIP_TIMEOUTS, model=self.model_names[member.group])
+            ray.kill(member.handle, no_restart=False)
+            self._actor_lost(member, "timed out")
+
+    def _wait_seconds(self, watch_due: float | None) -> float | None:
+        """How long the dispatcher may wait for an answer: until the watchdog's next look (``watch_due``,
+        monotonic; None while nothing generates) or the oldest restart is due to be given up."""
+        due = [m.restart_since + ACTOR_RESTART_TIMEOUT_S for m in self._members if m.restart is not None]
+        if watch_due is not None:
+            due.append(watch_due)
+        return max(0.0, min(due) - time.monotonic()) if due else None
 
     def _give_up_slow_restarts(self) -> None:
         for member in self._members:
@@ -602,5 +747,9 @@ class GenerationFleet:
                     yield failed_entry(clip, self.run_id, "generate", reason, **details)
 
     def shutdown(self) -> None:
-        for actor in [*(a for handles in self.actors.values() for a in handles), *self.finishers]:
+        for actor in [
+            *(a for handles in self.actors.values() for a in handles),
+            *self.finishers,
+            self.gpu_holds,
+        ]:
             ray.kill(actor)

@@ -23,6 +23,7 @@ from catalogs.sources import read_bytes
 from infra.access import QUARANTINE_PREFIX
 from infra.objectstore import ObjectStore, refused_credential
 from infra.settings import ObjectStoreConfig
+from tasks import metrics
 from tasks.postprod.chain import ChainTools, StageError, finish_frames
 from tasks.postprod.content_filter import FrameClassifier
 from tasks.postprod.overlay import WatermarkStamps
@@ -174,10 +175,14 @@ class Finisher:
                 finished = finish_frames(generated, profile, tools, self.run_id, Path(tmp))
             except StageError as err:
                 return failed(err.stage, str(err))
+            stages = {f"post_{report.stage}": report.seconds for report in finished.stages if report.applied}
+            upload_started = time.perf_counter()
             try:
                 return self._store(finished)
             except Exception as err:
                 return failed("upload", f"{type(err).__name__}: {err}")
+            finally:
+                metrics.stage_seconds(clip, {**stages, "upload": time.perf_counter() - upload_started})
 
     def _store(self, finished: FinishedClip) -> ManifestEntry:
         """Publish (or quarantine) the clip's files, waiting out an outage of the store: the files stay on

@@ -48,6 +48,15 @@ class ClipStatus(StrEnum):
     PLANNED = "planned"  # would be made, but not in this run: a dry run, or past the run's limit
 
 
+class ReasonClass(StrEnum):
+    """Whose an entry's outcome is (:attr:`ManifestEntry.reason_class`): what alerts and metrics group by."""
+
+    NONE = "none"  # published, skipped or planned
+    INPUT = "input"  # the row's own cells, or what its model or profile allows
+    CONTENT = "content"  # quarantined by the prompt policy or the frame classifier
+    INFRASTRUCTURE = "infrastructure"  # a model that would not load, a GPU, ffmpeg, storage
+
+
 @dataclass(frozen=True, kw_only=True)
 class ClipSpec:
     """One planned clip: every input that determines its frames, resolved against its model and checked.
@@ -264,6 +273,16 @@ class ManifestEntry:
         if self.experiment_id is not None:
             return f"{self.experiment_id}/{self.variant_id}"
         return ""
+
+    @property
+    def reason_class(self) -> ReasonClass:
+        """Whose the outcome is: none for a clip that was made, skipped or held back; the input's for a row
+        stopped at :data:`INPUT_STAGES`; the content's for a quarantined clip; else the infrastructure's."""
+        if self.status == ClipStatus.QUARANTINED:
+            return ReasonClass.CONTENT
+        if self.status != ClipStatus.FAILED:
+            return ReasonClass.NONE
+        return ReasonClass.INPUT if self.stage in INPUT_STAGES else ReasonClass.INFRASTRUCTURE
 
     @classmethod
     def of_clip(cls, clip: ClipSpec, run_id: str, status: ClipStatus, **details: Any) -> ManifestEntry:

@@ -30,6 +30,7 @@ from catalogs.sources import load_catalog
 from infra.objectstore import ObjectStore
 from infra.processes import wait_until
 from infra.settings import Settings
+from tasks import metrics
 from tasks.cost import run_costs
 from tasks.experiments import ExperimentOutputs, experiment_markdown, write_experiment_outputs
 from tasks.fleet import ActorGroup, FleetShape, GenerationFleet
@@ -208,6 +209,7 @@ def render_batch_task(
     entries = []
     for entry in fleet.run(clips):
         entries.append(entry)
+        metrics.clip_ended(entry)
         progress.advance()
         logger.info(
             "clip %s of=%s clip_id=%s model=%s%s",

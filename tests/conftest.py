@@ -103,6 +103,8 @@ def ray_cluster(settings) -> Iterator[None]:
 
     from tasks.fleet import connect_ray
 
-    connect_ray(settings)
+    # Its Prometheus metrics on a port of its own (tests/test_metrics.py scrapes it).
+    (metrics_port,) = free_ports(1)
+    connect_ray(settings.model_copy(update={"ray_metrics_export_port": metrics_port}))
     yield
     ray.shutdown()

@@ -9,6 +9,7 @@ and no secret sits in plain configuration.
 
 from __future__ import annotations
 
+import json
 import re
 import tomllib
 from collections.abc import Iterator
@@ -400,3 +401,67 @@ def test_the_alert_webhook_url_reaches_automations_apply_only_from_secrets() -> 
     assert {"name": "wanfactory-alerts", "optional": True} in [e.get("secretRef") for e in job["envFrom"]]
     assert name in _one("Secret", "wanfactory-alerts")["stringData"] and name not in _config()
     assert "WANFACTORY_ALERT_INFRA_FAILURE_SHARE" in _config()  # read where the runs run: the worker
+
+
+METRICS_PORT = 8080
+RAY_SD_FILE = "/tmp/ray/prom_metrics_service_discovery.json"  # where a Ray head's dashboard writes it
+GRAFANA = INFRA / "grafana"
+
+
+def _compose_metrics_port(service: str) -> int | None:
+    command = _compose()["services"][service]["command"]
+    found = re.findall(
+        r"--metrics-export-port=(\d+)", command if isinstance(command, str) else " ".join(command)
+    )
+    return int(found[0]) if found else None
+
+
+def test_every_ray_node_exports_metrics_on_the_port_prometheus_scrapes() -> None:
+    """Compose: the head and worker serve metrics on one fixed port; Prometheus reads the head's service
+    discovery file from the volume the head writes it to. Kubernetes: every Ray pod names that port
+    "metrics", the port Prometheus's pod discovery keeps."""
+    assert _compose_metrics_port("ray-head") == _compose_metrics_port("ray-worker") == METRICS_PORT
+    config = yaml.safe_load((INFRA / "prometheus" / "prometheus.yml").read_text())
+    (ray_job,) = config["scrape_configs"]
+    assert [f for sd in ray_job["file_sd_configs"] for f in sd["files"]] == [RAY_SD_FILE]
+    services = _compose()["services"]
+    sd_dir = str(Path(RAY_SD_FILE).parent)
+    head_volume = next(v.split(":")[0] for v in services["ray-head"]["volumes"] if v.split(":")[1] == sd_dir)
+    assert f"{head_volume}:{sd_dir}:ro" in services["prometheus"]["volumes"]
+    assert (
+        "./prometheus/prometheus.yml:/etc/prometheus/prometheus.yml:ro" in services["prometheus"]["volumes"]
+    )
+
+    spec = _raycluster()["spec"]
+    for group in [spec["headGroupSpec"], *spec["workerGroupSpecs"]]:
+        assert group["rayStartParams"]["metrics-export-port"] == str(METRICS_PORT)
+        (ray_container,) = [c for c in _containers(group["template"]["spec"]) if c["name"].startswith("ray-")]
+        assert {"containerPort": METRICS_PORT, "name": "metrics"} in ray_container["ports"]
+    k8s_config = yaml.safe_load(_one("ConfigMap", "prometheus-config")["data"]["prometheus.yml"])
+    relabels = k8s_config["scrape_configs"][0]["relabel_configs"]
+    assert {
+        "source_labels": ["__meta_kubernetes_pod_container_port_name"],
+        "regex": "metrics",
+        "action": "keep",
+    } in relabels
+    assert _one("Deployment", "prometheus")["spec"]["template"]["spec"]["serviceAccountName"] == "prometheus"
+
+
+def test_grafana_loads_the_dashboard_from_the_prometheus_it_names() -> None:
+    dashboard = json.loads((GRAFANA / "wanfactory.json").read_text())
+    uids = {target["datasource"]["uid"] for panel in dashboard["panels"] for target in panel["targets"]}
+    (datasource,) = yaml.safe_load((GRAFANA / "provisioning" / "datasources" / "prometheus.yml").read_text())[
+        "datasources"
+    ]
+    assert uids == {datasource["uid"]} and datasource["type"] == "prometheus"
+    # Compose names the service prometheus, and so does Kubernetes: one datasource file serves both.
+    assert datasource["url"] == "http://prometheus:9090"
+    assert "prometheus" in _compose()["services"]
+    assert _one("Service", "prometheus")["spec"]["ports"][0]["port"] == 9090
+    providers = yaml.safe_load((GRAFANA / "provisioning" / "dashboards" / "wanfactory.yml").read_text())
+    dashboards_dir = providers["providers"][0]["options"]["path"]
+    volumes = _compose()["services"]["grafana"]["volumes"]
+    assert f"./grafana/wanfactory.json:{dashboards_dir}/wanfactory.json:ro" in volumes
+    assert "./grafana/provisioning:/etc/grafana/provisioning:ro" in volumes
+    grafana = _containers(_one("Deployment", "grafana")["spec"]["template"]["spec"])[0]
+    assert {"name": "dashboards", "mountPath": dashboards_dir} in grafana["volumeMounts"]

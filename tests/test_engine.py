@@ -15,7 +15,7 @@ from wan_engine import (
     get_model_spec,
     save_random_pipeline,
 )
-from wan_engine.generator import EngineOptions
+from wan_engine.generator import STAGES, EngineOptions
 from wan_engine.specs import UnknownModelError
 
 
@@ -86,6 +86,15 @@ def test_same_seed_same_frames_and_both_experts_run(t2v):
     assert calls["high_noise"] > 0 and calls["low_noise"] > 0
     assert calls["high_noise"] + calls["low_noise"] == 2 * 40
     assert first.request.guidance_scale == 4.0 and first.request.guidance_scale_2 == 3.0
+
+
+def test_the_video_says_how_long_each_of_its_stages_took(t2v):
+    video = t2v.generate(GenerationRequest(prompt="a red sneaker", seed=1, num_frames=5, steps=2))
+    assert list(video.stage_seconds) == list(STAGES)
+    assert all(seconds > 0 for seconds in video.stage_seconds.values()), video.stage_seconds
+    # The render's stages lie inside its wall time; the prompts were encoded before it started.
+    rendered = sum(video.stage_seconds[stage] for stage in ("denoise", "decode", "handback"))
+    assert rendered <= video.seconds
 
 
 def test_requests_are_checked_before_generation(t2v):

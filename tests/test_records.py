@@ -58,7 +58,7 @@ def test_records_are_keyword_only():
 def test_light_modules_import_no_torch():
     code = (
         "import sys; import catalogs, catalogs.sheets, tasks.records, tasks.planning, flows.cli; "
-        "import tasks.cost, tasks.run_report; "
+        "import tasks.cost, tasks.run_report, tasks.watchdog; "
         "import flows.intake; "
         "heavy = sorted(m for m in ('torch', 'diffusers', 'ray') if m in sys.modules); "
         "print(','.join(heavy)); sys.exit(1 if heavy else 0)"

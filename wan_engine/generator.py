@@ -21,7 +21,7 @@ import time
 from collections import Counter
 from collections.abc import Sequence
 from contextlib import AbstractContextManager, nullcontext
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -126,6 +126,14 @@ class GeneratedVideo:
     prompt_tokens_kept: int
     # Seconds spent swapping per-clip adapters in before this clip; None when the loaded ones served.
     adapter_swap_seconds: float | None = None
+    # Seconds of each stage (:data:`STAGES`): the prompts' encoding, the denoising loop, the VAE decode and
+    # the hand-back of uint8 frames to the host. On a GPU, timed by CUDA events read once the hand-back
+    # has synchronised, so timing them adds no synchronisation to the clip.
+    stage_seconds: dict[str, float] = field(default_factory=dict)
+
+
+# The stages of :attr:`GeneratedVideo.stage_seconds`, in order.
+STAGES = ("encode", "denoise", "decode", "handback")
 
 
 @dataclass(frozen=True)
@@ -136,6 +144,7 @@ class PreparedClip:
     positive: torch.Tensor
     negative: torch.Tensor | None  # None when no step of the recipe runs classifier-free guidance
     prompt_tokens: int  # the prompt's tokens before the text encoder's limit
+    encode_seconds: float = 0.0  # the prompts' encoding (the prepare stream synchronised at its end)
 
 
 def pick_device(device: str = "auto") -> torch.device:
@@ -424,11 +433,13 @@ class WanGenerator:
         if self.adapter_slot is not None:
             self.adapter_slot.check(resolved.adapters)
         stream = self._prepare_stream
+        started = time.perf_counter()
         with torch.cuda.stream(stream) if stream is not None else nullcontext():
             positive, negative = self.encode_prompts(resolved)
         if stream is not None:
             stream.synchronize()
-        return PreparedClip(resolved, positive, negative, self.prompt_tokens(resolved.prompt))
+        encode_seconds = time.perf_counter() - started
+        return PreparedClip(resolved, positive, negative, self.prompt_tokens(resolved.prompt), encode_seconds)
 
     def prompt_tokens(self, prompt: str) -> int:
         """How many umT5 tokens ``prompt`` is (end of text included), as the pipeline tokenizes it."""
@@ -448,8 +459,13 @@ class WanGenerator:
             for tensor in embeddings:
                 if tensor is not None:
                     tensor.record_stream(torch.cuda.current_stream(self.device))
+        clock = _StageClock(self.device)
         latents = self.denoise(prepared.request, embeddings)
-        frames = self.decode(latents)
+        clock.mark("denoise")
+        video = self.decode_video(latents)
+        clock.mark("decode")
+        frames = self.to_frames(video)  # copies to the host: the stream has finished every stage
+        clock.mark("handback")
         return GeneratedVideo(
             frames=frames,
             fps=self.spec.fps,
@@ -459,6 +475,7 @@ class WanGenerator:
             prompt_tokens=prepared.prompt_tokens,
             prompt_tokens_kept=min(prepared.prompt_tokens, self.spec.max_sequence_length),
             adapter_swap_seconds=swap_seconds,
+            stage_seconds={"encode": prepared.encode_seconds, **clock.seconds()},
         )
 
     # The stages of one clip; public so that benchmarks can time each of them. Each runs in inference
@@ -631,6 +648,35 @@ class WanGenerator:
         """The hand-back: uint8 frames on the host, rounded as diffusers' postprocessing plus our cast."""
         video = ((video[0].float() / 2 + 0.5).clamp(0, 1) * 255).round().to(torch.uint8)
         return video.permute(1, 2, 3, 0).contiguous().cpu().numpy()
+
+
+class _StageClock:
+    """Seconds between marks on the device's timeline: CUDA events on a GPU (read in :meth:`seconds`, once
+    the stream has run past the last mark), the host's clock on a CPU, where the work is synchronous."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.cuda = device.type == "cuda"
+        self.marks: list[tuple[str, torch.cuda.Event | float]] = [("", self._now())]
+
+    def _now(self) -> torch.cuda.Event | float:
+        if not self.cuda:
+            return time.perf_counter()
+        event = torch.cuda.Event(enable_timing=True)
+        event.record(torch.cuda.current_stream(self.device))  # the stream the clip's stages run on
+        return event
+
+    def mark(self, stage: str) -> None:
+        """The end of ``stage``, which began at the previous mark."""
+        self.marks.append((stage, self._now()))
+
+    def seconds(self) -> dict[str, float]:
+        if self.cuda:
+            self.marks[-1][1].synchronize()  # recorded after the hand-back's copy: already complete
+        return {
+            stage: start.elapsed_time(end) / 1000 if self.cuda else end - start
+            for (_, start), (stage, end) in zip(self.marks, self.marks[1:], strict=False)
+        }
 
 
 def _guided(request: GenerationRequest) -> bool:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -15,7 +16,7 @@ class StageReport:
 
     ``applied`` is False when the stage decided to skip (with the reason in
     ``outcome``) or is switched off in the profile. ``cpu_seconds`` is the process
-    CPU time the stage used, including ffmpeg child processes it waited for.
+    CPU time the stage used, including ffmpeg child processes it waited for; ``seconds`` its wall time.
     """
 
     stage: str
@@ -23,6 +24,7 @@ class StageReport:
     params: dict[str, Any] = field(default_factory=dict)
     outcome: dict[str, Any] = field(default_factory=dict)
     cpu_seconds: float = 0.0
+    seconds: float = 0.0
 
 
 def _cpu_seconds() -> float:
@@ -33,9 +35,11 @@ def _cpu_seconds() -> float:
 
 @contextmanager
 def cpu_timer(report: StageReport) -> Iterator[StageReport]:
-    """Add the CPU time spent inside the block (this process and its finished children) to ``report``."""
-    start = _cpu_seconds()
+    """Add the CPU time spent inside the block (this process and its finished children) and its wall time
+    to ``report``."""
+    start, wall_start = _cpu_seconds(), time.perf_counter()
     try:
         yield report
     finally:
         report.cpu_seconds += round(_cpu_seconds() - start, 3)
+        report.seconds += round(time.perf_counter() - wall_start, 3)
