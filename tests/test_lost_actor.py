@@ -11,6 +11,8 @@ import json
 import os
 import signal
 import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import UTC, datetime
 
 import psutil
@@ -55,6 +57,19 @@ class ActorKiller(threading.Thread):
             self.stop.wait(0.05)
 
 
+@contextmanager
+def an_actor_killed_mid_clip() -> Iterator[ActorKiller]:
+    """Runs the block with an :class:`ActorKiller` watching, and checks it killed a generating actor."""
+    killer = ActorKiller()
+    killer.start()
+    try:
+        yield killer
+    finally:
+        killer.stop.set()
+        killer.join(timeout=10)
+    assert killer.killed_pid is not None, "the generator actor was never seen generating a clip"
+
+
 def _pid(worker: str) -> int:
     """The process id in a manifest ``worker`` field, "<node>/<gpu or cpu>/pid<pid>"."""
     return int(worker.rsplit("/pid", 1)[1])
@@ -76,15 +91,9 @@ def catalog_uri(store) -> str:
 
 
 def test_a_killed_actor_loses_no_clip(catalog_uri, store):
-    killer = ActorKiller()
-    killer.start()
-    try:
-        # force: the clips are made in this run even if an earlier run published them.
+    # force: the clips are made in this run even if an earlier run published them.
+    with an_actor_killed_mid_clip() as killer:
         result = nightly_catalog(catalog_uri=catalog_uri, force=True)
-    finally:
-        killer.stop.set()
-        killer.join(timeout=10)
-    assert killer.killed_pid is not None, "the generator actor was never seen generating a clip"
 
     # Every planned clip published exactly once: one entry each, and exactly its own objects in the store.
     entries = result.entries

@@ -32,7 +32,7 @@ from tasks.metrics import (
 )
 from tasks.records import ClipStatus
 from tests.catalog_upload import upload_catalog
-from tests.test_lost_actor import ActorKiller
+from tests.test_lost_actor import an_actor_killed_mid_clip
 
 pytestmark = pytest.mark.usefixtures("tiny_models", "prefect_server", "ray_cluster")
 
@@ -90,14 +90,8 @@ def metrics_run(store, settings, ray_cluster):
     # A price for CPU time, so the run's GPU-seconds have a cost to export.
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("WANFACTORY_GPU_PRICE_PER_HOUR", json.dumps({"cpu": 3.6}))
-        killer = ActorKiller()
-        killer.start()
-        try:
+        with an_actor_killed_mid_clip():
             result = nightly_catalog(catalog_uri=catalog, force=True)
-        finally:
-            killer.stop.set()
-            killer.join(timeout=10)
-    assert killer.killed_pid is not None, "the generator actor was never seen generating a clip"
 
     (port,) = {node["MetricsExportPort"] for node in ray.nodes() if node["Alive"]}
     url = f"http://127.0.0.1:{port}/metrics"
