@@ -16,8 +16,8 @@ from pydantic import Field, SecretStr, ValidationInfo, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 DEFAULT_STATE_DIR = Path.home() / ".wanfactory"
-# USD per GPU-hour by GPU type (tasks.cost.gpu_type_key): on-demand cloud list prices of late 2025, rounded,
-# to be replaced by what the fleet really pays. A CPU actor (the demo, the tests) costs nothing.
+# USD per GPU-hour by GPU type (tasks.cost.gpu_type_key): placeholders (round figures, checked against no
+# provider's prices), to be replaced by what the fleet really pays. A CPU actor (demo, tests) costs nothing.
 DEFAULT_GPU_PRICE_PER_HOUR = {"H200": 3.80, "H100": 3.00, "A100": 1.80, "L4": 0.80, "A10G": 1.00, "cpu": 0.0}
 
 
