@@ -21,9 +21,11 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import tempfile
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import pydantic
 import typer
@@ -464,13 +466,23 @@ def config() -> None:
 
 
 def _settings_problem(err: Exception) -> str:
-    """A settings error as the variables to fix, in one line."""
+    """A settings error as the variables to fix, in one line; a secret's value is never shown."""
     if isinstance(err, pydantic.ValidationError) and err.title == Settings.__name__:
-        return "; ".join(
-            f"WANFACTORY_{'_'.join(map(str, e['loc'])).upper()}={e.get('input')!r}: {e['msg']}"
-            for e in err.errors()
-        )
+        return "; ".join(_setting_problem(e) for e in err.errors())
+    # pydantic-settings fails this way on a complex setting (a table) whose value is not JSON.
+    unparsed = re.search(r'error parsing value for field "(\w+)"', str(err))
+    if unparsed:
+        return f"WANFACTORY_{unparsed[1].upper()}: not valid JSON (this setting is a JSON object)"
     return " ".join(str(err).split())
+
+
+def _setting_problem(error: Mapping[str, Any]) -> str:
+    name, *keys = error["loc"]
+    variable = f"WANFACTORY_{str(name).upper()}" + "".join(f"[{key!r}]" for key in keys)
+    field = Settings.model_fields.get(str(name))
+    secret = field is not None and "SecretStr" in str(field.annotation)
+    shown = " (its value is not shown: a secret)" if secret else f"={error.get('input')!r}"
+    return f"{variable}{shown}: {error['msg'].removeprefix('Value error, ')}"
 
 
 def main() -> None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Annotated, Literal
+from urllib.parse import urlsplit
 
 from pydantic import Field, SecretStr, ValidationInfo, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -267,6 +268,16 @@ class Settings(BaseSettings):
     def _empty_url_is_none(cls, url: object) -> object:
         # Compose's `${WANFACTORY_ALERT_WEBHOOK_URL:-}` passes an unset URL as an empty one: no alerts.
         return None if url == "" else url
+
+    @field_validator("alert_webhook_url")
+    @classmethod
+    def _webhook_is_http(cls, url: SecretStr | None) -> SecretStr | None:
+        # A URL that cannot be POSTed to would only show as alerts that never come.
+        if url is not None:
+            parts = urlsplit(url.get_secret_value().strip())
+            if parts.scheme not in ("http", "https") or not parts.hostname:
+                raise ValueError("should be an http:// or https:// URL with a host")
+        return url
 
     @field_validator("zombie_window_seconds")
     @classmethod

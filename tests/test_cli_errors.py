@@ -58,6 +58,34 @@ def test_a_refused_credential_fails_at_once_in_one_line(settings, store):
         assert result.stderr.count("\n") == 1 and "Traceback" not in result.stderr
 
 
+@pytest.mark.parametrize(
+    ("variable", "value", "error"),
+    [
+        (
+            "WANFACTORY_GPU_PRICE_PER_HOUR",
+            "cheap",
+            "error: WANFACTORY_GPU_PRICE_PER_HOUR: not valid JSON (this setting is a JSON object)\n",
+        ),
+        (
+            "WANFACTORY_GPU_PRICE_PER_HOUR",
+            '{"H100": -1}',
+            "error: WANFACTORY_GPU_PRICE_PER_HOUR['H100']=-1: Input should be greater than or equal to 0\n",
+        ),
+        (
+            "WANFACTORY_ALERT_WEBHOOK_URL",
+            "hooks.slack.com/services/T00/B00/s3cr3t-token",
+            "error: WANFACTORY_ALERT_WEBHOOK_URL (its value is not shown: a secret): "
+            "should be an http:// or https:// URL with a host\n",
+        ),
+    ],
+)
+def test_a_bad_table_or_secret_setting_is_named_in_one_line_and_no_secret_is_shown(variable, value, error):
+    result = run_wanfactory("config", env={**os.environ, variable: value})
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert result.stderr == error
+    assert "s3cr3t" not in result.stdout + result.stderr
+
+
 def test_a_bad_setting_is_named_in_one_line():
     env = {**os.environ, "WANFACTORY_S3_READ_TIMEOUT_SECONDS": "soon"}
     result = run_wanfactory("catalog", "validate", "catalog.parquet", env=env)
