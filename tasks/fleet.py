@@ -710,7 +710,6 @@ class GenerationFleet:
                 hold.worker,
                 timed_out_calls[ref],
             )
-            metrics.count(metrics.CLIP_TIMEOUTS, model=self.model_names[member.group])
             ray.kill(member.handle, no_restart=False)
             self._actor_lost(member, "timed out")
 

@@ -21,13 +21,16 @@ import ray
 
 from catalogs.rules import ModelDefaults
 from catalogs.schema import CATALOG_SCHEMA, validate_catalog
+from infra.processes import wait_until
 from tasks.fleet import CLIP_RETRIES, GPU_HOLDS_NAME_PREFIX, retries_lost_attempt
+from tasks.metrics import CLIP_TIMEOUTS
 from tasks.planning import PlanningRules, plan_clips
 from tasks.postprod.content_filter import PromptPolicy
 from tasks.postprod.profile import load_profiles
 from tasks.records import ClipSpec, ClipStatus
 from tasks.watchdog import GpuHolds, clip_deadline, timed_out
 from tests.catalog_upload import upload_catalog
+from tests.test_metrics import SCRAPE_DEADLINE_S, scrape
 from wan_engine.cost import estimated_gpu_seconds
 
 SERVICES = ("tiny_models", "prefect_server", "ray_cluster")
@@ -223,3 +226,15 @@ def test_a_frozen_actor_is_restarted_and_its_clip_retried_once_then_failed_as_ti
     assert json.loads(manifest["HUNG-ONCE"]["retried_after"]) == hung.retried_after
     assert (manifest["HUNG-ALWAYS"]["status"], manifest["HUNG-ALWAYS"]["reason"]) == ("failed", failed.reason)
     assert json.loads(manifest["HUNG-ALWAYS"]["retried_after"]) == failed.retried_after
+
+    # Each stopped attempt is counted once in the exported metrics (three: once for HUNG-ONCE, twice for
+    # HUNG-ALWAYS; no other test's clip times out in this session's Ray).
+    (port,) = {node["MetricsExportPort"] for node in ray.nodes() if node["Alive"]}
+
+    def timeouts() -> float:
+        return sum(
+            s.value for s in scrape(f"http://127.0.0.1:{port}/metrics").get(CLIP_TIMEOUTS.exported_name, [])
+        )
+
+    assert wait_until(lambda: timeouts() >= 3, SCRAPE_DEADLINE_S, interval=1.0), timeouts()
+    assert timeouts() == 3
