@@ -72,7 +72,7 @@ def prepare_vae(vae: AutoencoderKLWan, options: VaeDecodeOptions) -> None:
     if options.fused_norm:
         for parent in list(vae.decoder.modules()):
             for name, child in parent.named_children():
-                if isinstance(child, WanRMS_norm) and not isinstance(child, FusedRMSNorm):
+                if isinstance(child, WanRMS_norm):
                     setattr(parent, name, FusedRMSNorm(child))
 
 
