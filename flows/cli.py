@@ -27,6 +27,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Any
 
+import httpx
 import pydantic
 import typer
 import urllib3
@@ -496,6 +497,14 @@ def main() -> None:
         raise SystemExit(2) from None
     except (pydantic.ValidationError, SettingsError) as err:
         typer.echo(f"error: {_settings_problem(err)}", err=True)
+        raise SystemExit(2) from None
+    except httpx.TransportError as err:  # the Prefect client's: the object store's client is urllib3
+        server = os.environ.get("PREFECT_API_URL", "the configured Prefect server")
+        typer.echo(
+            f"error: the Prefect server at {server} did not answer ({type(err).__name__}: {err}); "
+            "start it (wanfactory stack up) or point PREFECT_API_URL at a running one",
+            err=True,
+        )
         raise SystemExit(2) from None
     except (S3Error, urllib3.exceptions.HTTPError) as err:
         line = unreachable(err, Settings().s3_endpoint)

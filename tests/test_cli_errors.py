@@ -15,6 +15,7 @@ import pytest
 from openpyxl import Workbook
 
 from infra.objectstore import ObjectStore
+from infra.processes import free_ports
 from infra.settings import Settings
 from tasks.manifest import write_manifest
 from tasks.records import ClipStatus, ManifestEntry
@@ -84,6 +85,15 @@ def test_a_bad_table_or_secret_setting_is_named_in_one_line_and_no_secret_is_sho
     assert result.returncode == 2, result.stdout + result.stderr
     assert result.stderr == error
     assert "s3cr3t" not in result.stdout + result.stderr
+
+
+def test_a_prefect_server_that_does_not_answer_is_named_in_one_line():
+    (port,) = free_ports(1)  # nothing listens there
+    api = f"http://127.0.0.1:{port}/api"
+    result = run_wanfactory("automations", "apply", env={**os.environ, "PREFECT_API_URL": api})
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert result.stderr.startswith(f"error: the Prefect server at {api} did not answer (ConnectError")
+    assert result.stderr.count("\n") == 1 and "Traceback" not in result.stderr, result.stderr
 
 
 def test_a_bad_setting_is_named_in_one_line():
