@@ -93,6 +93,9 @@ def main() -> None:
     parser.add_argument(
         "--decode-study", action="store_true", help="the VAE decode alone: each of wan_engine.vae's options"
     )
+    parser.add_argument(
+        "--decode-flops", action="store_true", help="the decode's PFLOP, counted on meta tensors (CPU)"
+    )
     parser.add_argument("--tiny", action="store_true", help="smoke-test the script on the tiny model (CPU)")
     parser.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", "bench/results")))
     args = parser.parse_args()
@@ -103,7 +106,9 @@ def main() -> None:
         parser.error("--config is required")
     print(f"{platform.node()} {device_name()} torch {torch.__version__}", flush=True)
     variant = "tiny" if args.tiny else "full"
-    if args.decode_study:
+    if args.decode_flops:
+        print(f"{args.config} decode: {decode.decode_pflop(args.config):.3f} PFLOP", flush=True)
+    elif args.decode_study:
         decode.run(args.config, args.out, variant)
     elif args.distilled:
         distilled.run(args.config, args.out, variant, args.budget_s)

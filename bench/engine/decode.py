@@ -42,15 +42,34 @@ OPTIONS = (
 )
 
 
-def final_latents(vae: AutoencoderKLWan, width: int, height: int, frames: int) -> torch.Tensor:
-    shape = (
+def final_latents_shape(vae: AutoencoderKLWan, width: int, height: int, frames: int) -> tuple[int, ...]:
+    return (
         1,
         vae.config.z_dim,
         (frames - 1) // vae.config.scale_factor_temporal + 1,
         height // vae.config.scale_factor_spatial,
         width // vae.config.scale_factor_spatial,
     )
+
+
+def final_latents(vae: AutoencoderKLWan, width: int, height: int, frames: int) -> torch.Tensor:
+    shape = final_latents_shape(vae, width, height, frames)
     return torch.randn(shape, generator=torch.Generator().manual_seed(42)).to(DEVICE)
+
+
+def decode_pflop(config_name: str) -> float:
+    """The floating-point work of the config's decode (diffusers' decode, counted by PyTorch's
+    ``FlopCounterMode`` on meta tensors: no memory, no device), in PFLOP."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    config, spec = config_and_spec(config_name)
+    with torch.device("meta"):
+        vae = AutoencoderKLWan(**spec.architecture.vae).requires_grad_(False).eval()
+        shape = final_latents_shape(vae, config.width, config.height, config.frames)
+        latents = torch.empty(shape)
+    with FlopCounterMode(display=False) as counter, torch.inference_mode():
+        vae.decode(latents)
+    return counter.get_total_flops() / 1e15
 
 
 def timed_decode(
