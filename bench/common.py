@@ -64,6 +64,11 @@ def peak_memory_gib() -> float:
     return torch.cuda.max_memory_allocated() / 2**30 if DEVICE.type == "cuda" else 0.0
 
 
+def peak_reserved_gib() -> float:
+    """The GPU memory the caching allocator held at most since :func:`reset_peak_memory`; 0 on the CPU."""
+    return torch.cuda.max_memory_reserved() / 2**30 if DEVICE.type == "cuda" else 0.0
+
+
 def relative_error(ours: torch.Tensor, reference: torch.Tensor) -> float:
     """Relative L2 distance of ``ours`` from ``reference``, in float64."""
     ours, reference = ours.double(), reference.double()

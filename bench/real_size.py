@@ -35,6 +35,7 @@ CONFIGS = {
     "a14b_t2v_480p": Config("t2v-a14b", 832, 480, 81),
     "a14b_t2v_720p": Config("t2v-a14b", 1280, 720, 81),
     "a14b_i2v_480p": Config("i2v-a14b", 832, 480, 81),
+    "a14b_i2v_720p": Config("i2v-a14b", 1280, 720, 81),
 }
 PROMPT = "A red knit sneaker turns slowly on a turntable, soft studio light, white backdrop."
 

@@ -121,6 +121,26 @@ class Settings(BaseSettings):
     engine_fp8_matmuls: bool = Field(
         False, description="APPROXIMATE: FP8 matmuls in the transformer blocks (Ada/Hopper GPUs, torchao)"
     )
+    engine_weights_8bit: Literal["fp8", "int8"] | None = Field(
+        None,
+        description="APPROXIMATE: the transformer blocks' weights stored in 8 bits, computed in bf16: 'fp8' "
+        "(Ada/Hopper) or 'int8' (any GPU, e.g. A10G); half the GPU and host memory (torchao)",
+    )
+    # Where the weights live: unset, the engine decides at load from the weights and the GPU's memory
+    # (wan_engine.memory.plan_memory); set, it overrides that choice (README: "Which GPUs run what").
+    engine_block_streaming: bool | None = Field(
+        None,
+        description="stream every expert's blocks through a ring of two from pinned host memory (24 GB GPUs)",
+    )
+    engine_expert_streaming: bool | None = Field(
+        None, description="A14B's two experts share one expert's worth of GPU memory (48 GB GPUs)"
+    )
+    engine_text_encoder_offload: bool | None = Field(
+        None, description="the text encoder lives in pinned host memory between clips"
+    )
+    engine_vae_tiling: bool | None = Field(
+        None, description="the VAE decodes in tiles (less memory; frames blended across tile seams)"
+    )
 
     # Post-production (tasks/postprod/profiles/default.toml documents the profiles' stages).
     postprocess_profile: str = Field(

@@ -293,6 +293,11 @@ def engine_options(settings: Settings, group: ActorGroup | None = None) -> Engin
         attention_backend=settings.engine_attention_backend,
         step_cache_interval=settings.engine_step_cache_interval,
         fp8_matmuls=settings.engine_fp8_matmuls,
+        weights_8bit=settings.engine_weights_8bit,
+        block_streaming=settings.engine_block_streaming,
+        expert_streaming=settings.engine_expert_streaming,
+        text_encoder_offload=settings.engine_text_encoder_offload,
+        vae_tiling=settings.engine_vae_tiling,
         adapter_slot_rank=group.adapter_slot_rank if group else 0,
         warmup_shape=group.warmup_shape if group else None,
     )

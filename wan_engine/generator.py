@@ -38,7 +38,13 @@ from diffusers import (
 from wan_engine.adapters import AdapterWeights, adapter_cache, local_adapter
 from wan_engine.attention import AUTO, resolve_attention_backend
 from wan_engine.lora import AdapterSlot, fuse_adapters
-from wan_engine.memory import ExpertSlot, HostResidentModule, gpu_memory_budget, plan_memory
+from wan_engine.memory import BlockRing, ExpertSlot, HostResidentModule, gpu_memory_budget, plan_memory
+from wan_engine.quantize import (
+    Weights8Bit,
+    check_fp8_device,
+    quantize_fp8_matmuls,
+    quantize_weights_8bit,
+)
 from wan_engine.recipes import STANDARD, Recipe, get_recipe, recipe_names
 from wan_engine.requests import (
     GenerationRequest,
@@ -78,14 +84,21 @@ class EngineOptions:
     warmup_shape: tuple[int, int, int] | None = None
     # None: decided at load from the weights' sizes and the GPU's memory (wan_engine.memory.plan_memory).
     # The text encoder in host memory between clips (A14B on 80 GB); A14B's two experts sharing one
-    # expert's worth of GPU memory, the next one streamed in from host memory (A14B on 48 GB).
+    # expert's worth of GPU memory, the next one streamed in from host memory (A14B on 48 GB); every
+    # expert's blocks streamed through a ring of two blocks (A14B on 24 GB, TI2V-5B at 720p on 24 GB);
+    # the VAE decoding in tiles when its whole-frame decode would not fit beside the weights.
     text_encoder_offload: bool | None = None
     expert_streaming: bool | None = None
+    block_streaming: bool | None = None
+    vae_tiling: bool | None = None
     # Opt-in approximate modes: faster, but the frames are no longer stock diffusers' frames. Never defaults.
     # N > 1: diffusers' TaylorSeer cache hook (lite) runs the experts' blocks fully once every N steps and
     # extrapolates their output in between; each expert warms up on its own first steps.
     step_cache_interval: int = 1
     fp8_matmuls: bool = False  # the experts' block linears in FP8 e4m3 with per-row scales (torchao)
+    # The experts' block linear weights stored in 8 bits, fp8 (Ada, Hopper) or int8 (any GPU), one scale
+    # per output channel, computed in bf16: half the memory and PCIe bytes (wan_engine.quantize).
+    weights_8bit: Weights8Bit | None = None
     # One clip across every GPU of the torch.distributed process group (diffusers' context
     # parallelism, wan_engine.parallel): for latency-bound clips. Exact: it splits the work, not the math.
     context_parallel: bool = False
@@ -98,6 +111,7 @@ class EngineOptions:
         """``exact``, or the approximations in use, e.g. ``approximate:step-cache-3+fp8`` (for manifests)."""
         parts = [f"step-cache-{self.step_cache_interval}"] if self.step_cache_interval > 1 else []
         parts += ["fp8"] if self.fp8_matmuls else []
+        parts += [f"{self.weights_8bit}-weights"] if self.weights_8bit else []
         return "approximate:" + "+".join(parts) if parts else "exact"
 
 
@@ -175,30 +189,66 @@ class WanGenerator:
         self.experts = {"high_noise": pipeline.transformer, "low_noise": pipeline.transformer_2}
         if not spec.is_moe:
             self.experts = {"dense": pipeline.transformer}
+        if self.options.fp8_matmuls and self.options.weights_8bit:
+            raise ValueError("fp8_matmuls and weights_8bit both quantize the weights: choose one")
+        if self.options.weights_8bit == "fp8" and device.type == "cuda":
+            check_fp8_device(device, "weights_8bit='fp8'")
+        fused_on_host = bool(self.options.weights_8bit)
+        self.fuse_seconds = 0.0
+        if self.options.weights_8bit:
+            # Adapters fuse into bf16 weights, so before quantizing; both where the weights are (the host),
+            # so that the plan below counts 8-bit bytes.
+            self.fuse_seconds = fuse_adapters(pipeline, self.fused_adapters)
+            for module in self.experts.values():
+                quantize_weights_8bit(module, self.options.weights_8bit)
+        largest_clip = max(width * height for width, height in spec.sizes)
         self.memory_plan = plan_memory(
             list(self.experts.values()),
             pipeline.text_encoder,
             gpu_memory_budget(device),
             stream_experts=self.options.expert_streaming,
             offload_text_encoder=self.options.text_encoder_offload,
+            stream_blocks=self.options.block_streaming,
+            decode_bytes=spec.vae_decode_bytes_per_pixel * largest_clip,
+            tile_decode=self.options.vae_tiling,
         )
+        streamed = self.memory_plan.stream_experts or self.memory_plan.stream_blocks
+        if streamed and self.options.fp8_matmuls:
+            raise ValueError(
+                "fp8_matmuls quantizes the weights on the GPU, which this memory plan "
+                f"({self.memory_plan.tier}) keeps in host memory; weights_8bit='fp8' streams"
+            )
+        if self.options.fp8_matmuls:
+            check_fp8_device(device, "fp8_matmuls")
+        if streamed and self.options.adapter_slot_rank:
+            raise ValueError(
+                "per-clip adapters need the experts resident; this GPU streams them "
+                f"({self.memory_plan.tier})"
+            )
         self._expert_slot: ExpertSlot | None = None
-        self.fuse_seconds = 0.0
-        if self.memory_plan.stream_experts:
-            # On the host: the experts never sit on the GPU together.
+        self._block_ring: BlockRing | None = None
+        if streamed and not fused_on_host:
+            # On the host: the experts never sit on the GPU whole.
             self.fuse_seconds = fuse_adapters(pipeline, self.fused_adapters)
-            self.stream_experts()  # before the pipeline moves to the GPU, where both experts would not fit
+            fused_on_host = True
+        # Before the pipeline moves to the GPU, where the experts would not fit.
+        if self.memory_plan.stream_experts:
+            self.stream_experts()
+        elif self.memory_plan.stream_blocks:
+            self._block_ring = BlockRing(self.experts, device)
+            log.info(
+                "expert blocks stream through a ring model=%s pinned_gib=%.1f ring_gib=%.2f",
+                spec.name,
+                self._block_ring.host_bytes / 2**30,
+                self._block_ring.gpu_bytes / 2**30,
+            )
         self.pipeline = pipeline.to(device)
-        if not self.memory_plan.stream_experts:
-            self.fuse_seconds = fuse_adapters(
-                pipeline, self.fused_adapters
-            )  # on the GPU: seconds, not minutes
+        if not fused_on_host:
+            self.fuse_seconds = fuse_adapters(pipeline, self.fused_adapters)  # on the GPU: seconds
+        if self.memory_plan.tile_decode:
+            self.pipeline.vae.enable_tiling()
         self.adapter_slot: AdapterSlot | None = None
         if self.options.adapter_slot_rank:
-            if self.memory_plan.stream_experts:
-                raise ValueError(
-                    "per-clip adapters need both experts resident; this GPU streams them (expert streaming)"
-                )
             self.adapter_slot = AdapterSlot(pipeline, self.experts, self.options.adapter_slot_rank)
         self._schedulers: dict[str, object] = {}
         # TI2V-5B takes text or an image: its image path needs WanImageToVideoPipeline's latent preparation.
@@ -212,8 +262,6 @@ class WanGenerator:
                 expand_timesteps=True,
             )
         self._expert_calls: Counter[str] = Counter()
-        if self.options.fp8_matmuls:
-            _check_fp8_device(device)
         self.attention_backend = resolve_attention_backend(
             self.options.attention_backend, device, self.options.context_parallel
         )
@@ -222,7 +270,7 @@ class WanGenerator:
             if self.attention_backend:
                 module.set_attention_backend(self.attention_backend)
             if self.options.fp8_matmuls:
-                _quantize_fp8(module)
+                quantize_fp8_matmuls(module)
             if self.options.context_parallel:
                 from wan_engine.parallel import enable_context_parallel
 
@@ -263,6 +311,11 @@ class WanGenerator:
         return self._expert_slot
 
     @property
+    def block_ring(self) -> BlockRing | None:
+        """The ring the experts' blocks stream through when the memory plan chose it, else None."""
+        return self._block_ring
+
+    @property
     def text_encoder_host(self) -> HostResidentModule | None:
         """The text encoder's pinned host copies when it lives in host memory between clips, else None."""
         return self._text_encoder_host
@@ -278,6 +331,8 @@ class WanGenerator:
                 raise ValueError(
                     "fp8_matmuls cannot be combined with expert streaming: it rewrites the weights"
                 )
+            if self._block_ring is not None:
+                raise ValueError("the experts' blocks stream through a ring already")
             if len(self.experts) < 2:
                 raise ValueError("expert streaming needs a model of two experts (A14B); this one has one")
             self._expert_slot = ExpertSlot(self.experts, self.device)
@@ -614,9 +669,11 @@ class WanGenerator:
 
     def _before_last_forward_of(self, running: str, following: str) -> None:
         """With streamed experts, the next forward is ``running``'s last before ``following`` runs:
-        ``following``'s weights are copied in while it runs (wan_engine.memory.ExpertSlot)."""
+        ``following``'s weights (or first blocks) are copied in while it runs (wan_engine.memory)."""
         if self._expert_slot is not None and following != running:
             self._expert_slot.stream_during_next_forward(following)
+        if self._block_ring is not None:
+            self._block_ring.next_forward_is(following)
 
     def _cache_context(self, model: torch.nn.Module, name: str) -> AbstractContextManager:
         """The cache hooks keep one state per named call; without them there is nothing to name."""
@@ -683,37 +740,6 @@ def _guided(request: GenerationRequest) -> bool:
     """Whether any expert runs classifier-free guidance (an unconditional pass) for a resolved request."""
     scales = [request.guidance_scale, request.guidance_scale_2]
     return any(scale is not None and scale != 1.0 for scale in scales)
-
-
-def _check_fp8_device(device: torch.device) -> None:
-    """FP8 matmuls exist on Ada and Hopper GPUs (compute capability 8.9+); refuse anything else at load."""
-    if device.type != "cuda" or torch.cuda.get_device_capability(device) < (8, 9):
-        raise ValueError(
-            f"fp8_matmuls needs a CUDA GPU with compute capability 8.9 or newer (Ada, Hopper); got {device}"
-        )
-
-
-def _quantize_fp8(module: torch.nn.Module) -> None:
-    """The blocks' linear layers as FP8 e4m3 weights and dynamically scaled FP8 activations, per row.
-
-    The embedders and output projection stay in bf16: they are a sliver of the FLOPs and the most
-    sensitive to rounding. torchao is a GPU-only extra (``pip install wanfactory[fp8]``).
-    """
-    from torchao.quantization import Float8DynamicActivationFloat8WeightConfig, PerRow, quantize_
-    from torchao.utils import TorchAOBaseTensor
-
-    def in_blocks_not_yet_fp8(child: torch.nn.Module, name: str) -> bool:
-        # Two generators over one set of modules (a benchmark's) must not quantize twice.
-        is_linear = isinstance(child, torch.nn.Linear)
-        # A per-clip adapter slot's own small linears stay in bf16: they are swapped in place.
-        in_blocks = name.startswith("blocks.") and ".lora_" not in name
-        return is_linear and in_blocks and not isinstance(child.weight, TorchAOBaseTensor)
-
-    quantize_(
-        module,
-        Float8DynamicActivationFloat8WeightConfig(granularity=PerRow()),
-        filter_fn=in_blocks_not_yet_fp8,
-    )
 
 
 def _check_pipeline_matches(pipeline: DiffusionPipeline, spec: ModelSpec) -> None:

@@ -7,9 +7,20 @@
    once per clip, and its round trip costs well under a second (an H100 with A14B);
 3. else, for the two-expert A14B models, both experts sharing one expert's worth of GPU memory
    (:class:`ExpertSlot`), the next expert streamed in from pinned host memory while the current one
-   finishes its last step (a 48 GB GPU with A14B).
+   finishes its last step (a 48 GB GPU with A14B);
+4. else every expert's transformer blocks streamed through a ring of a few blocks' worth of GPU
+   memory (:class:`BlockRing`), each block copied in from pinned host memory while the one before it
+   runs (a 24 GB GPU: one A14B expert alone is 28.6 GB). The same tier keeps a dense model's decode
+   from meeting its weights (TI2V-5B at 720p on 24 GB).
 
-The rest of the GPU is for activations, the VAE decode and the compiler's workspace.
+The rest of the GPU is for activations and the compiler's workspace. The VAE decode comes after the
+denoising, beside the weights that stay: when the two would not fit, the decode is tiled
+(``tile_decode``: diffusers' tiled decode, a little slower, and its frames are blended across tile
+seams rather than bit for bit).
+
+Weights stored in 8 bits (torchao's weight-only tensor subclasses, wan_engine.quantize) move and
+count as the plain tensors they are made of: an 8-bit expert is half the bytes on the GPU, in host
+memory and over PCIe.
 """
 
 from __future__ import annotations
@@ -18,11 +29,15 @@ import mmap
 import weakref
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
+from torch.utils._python_dispatch import is_traceable_wrapper_subclass
 
-# Weights may take this share of the GPU; activations at 720p and the VAE decode need the rest.
+# Weights may take this share of the GPU; activations at 720p need the rest.
 WEIGHTS_SHARE = 0.75
+# Blocks' worth of GPU memory in a BlockRing: two, so that one block is copied in while the other runs.
+BLOCK_RING_SLOTS = 2
 
 
 @dataclass(frozen=True)
@@ -31,11 +46,26 @@ class MemoryPlan:
 
     stream_experts: bool  # two experts share one expert's worth of GPU memory (ExpertSlot)
     offload_text_encoder: bool  # the text encoder visits the GPU only while it encodes
+    stream_blocks: bool = False  # every expert's blocks stream through a ring of a few (BlockRing)
+    tile_decode: bool = False  # the VAE decodes in tiles: its whole-frame decode would not fit
+
+    @property
+    def tier(self) -> str:
+        """Where the experts live, in a word for logs and benchmarks."""
+        if self.stream_blocks:
+            return "block-ring"
+        return "expert-slot" if self.stream_experts else "resident"
 
 
 def weight_bytes(modules: Iterable[torch.nn.Module | None]) -> int:
-    """The bytes of the modules' parameters and buffers (meta-device modules count too)."""
-    return sum(t.numel() * t.element_size() for m in modules if m is not None for _, t in _tensors(m))
+    """The bytes of the modules' parameters and buffers, 8-bit weights as stored (meta-device modules
+    count too)."""
+    return sum(t.numel() * t.element_size() for m in modules if m is not None for _, t in plain_tensors(m))
+
+
+def block_bytes(experts: Iterable[torch.nn.Module]) -> int:
+    """The bytes of the experts' transformer blocks: what a BlockRing copies in per forward, per expert."""
+    return weight_bytes(block for expert in experts for block in expert.blocks)
 
 
 def gpu_memory_budget(device: torch.device) -> int | None:
@@ -53,26 +83,107 @@ def plan_memory(
     budget_bytes: int | None,
     stream_experts: bool | None = None,
     offload_text_encoder: bool | None = None,
+    stream_blocks: bool | None = None,
+    decode_bytes: int = 0,
+    tile_decode: bool | None = None,
 ) -> MemoryPlan:
     """Where the weights live on a GPU of ``budget_bytes`` (None: not a GPU, everything stays put).
 
-    ``stream_experts`` and ``offload_text_encoder`` override the choice when not None.
+    The experts take the first tier whose weights fit WEIGHTS_SHARE of the GPU and leave room for
+    ``decode_bytes`` (the VAE's whole-frame decode of the model's largest clip) beside them: resident,
+    then one expert's slot (A14B), then the block ring. The text encoder stays when it fits beside
+    them by the same rule; the decode is tiled when even then it would not fit. ``stream_experts``,
+    ``stream_blocks``, ``offload_text_encoder`` and ``tile_decode`` override the choice when not None.
     """
-    limit = None if budget_bytes is None else WEIGHTS_SHARE * budget_bytes
-    all_experts = weight_bytes(experts)
-    if stream_experts is None:
-        stream_experts = limit is not None and len(experts) > 1 and all_experts > limit
     if stream_experts and len(experts) < 2:
         raise ValueError("expert streaming needs a model of two experts (A14B); this one has one")
-    experts_on_gpu = all_experts // len(experts) if stream_experts else all_experts
+    if stream_experts and stream_blocks:
+        raise ValueError("expert streaming and block streaming are two tiers: choose one")
+    all_experts = weight_bytes(experts)
+    blocks = block_bytes(experts)
+    # A ring leaves on the GPU each expert's embedders and output layers, and its few blocks.
+    ring_bytes = all_experts - blocks + BLOCK_RING_SLOTS * blocks // sum(len(e.blocks) for e in experts)
+    tiers = {"resident": all_experts, "expert-slot": all_experts // len(experts), "block-ring": ring_bytes}
+    allowed = {
+        "resident": not stream_experts and not stream_blocks,
+        "expert-slot": len(experts) > 1 and stream_experts is not False and not stream_blocks,
+        "block-ring": stream_blocks is not False and not stream_experts,
+    }
+    candidates = [tier for tier in tiers if allowed[tier]]
+
+    def fits(on_gpu: int, beside: int = 0) -> bool:
+        if budget_bytes is None:
+            return True
+        return on_gpu <= WEIGHTS_SHARE * budget_bytes and on_gpu + beside <= budget_bytes
+
+    # The smallest allowed tier when none fits: the decode is then tiled.
+    tier = next((t for t in candidates if fits(tiers[t], decode_bytes)), candidates[-1])
+    on_gpu = tiers[tier]
+    text_encoder_bytes = weight_bytes([text_encoder])
     if offload_text_encoder is None:
-        offload_text_encoder = limit is not None and experts_on_gpu + weight_bytes([text_encoder]) > limit
-    return MemoryPlan(stream_experts=stream_experts, offload_text_encoder=offload_text_encoder)
+        # A resident text encoder is still there at the decode.
+        offload_text_encoder = not fits(on_gpu + text_encoder_bytes, decode_bytes)
+    if tile_decode is None:
+        tile_decode = not fits(on_gpu + (0 if offload_text_encoder else text_encoder_bytes), decode_bytes)
+    return MemoryPlan(
+        stream_experts=tier == "expert-slot",
+        offload_text_encoder=offload_text_encoder,
+        stream_blocks=tier == "block-ring",
+        tile_decode=tile_decode,
+    )
 
 
 def _tensors(module: torch.nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
     yield from module.named_parameters()
     yield from module.named_buffers()
+
+
+def _flatten(name: str, tensor: torch.Tensor) -> Iterator[tuple[str, torch.Tensor]]:
+    """A tensor as the plain tensors it is made of: itself, or a tensor subclass's (a quantized
+    weight's data and scales), named ``name/attribute``."""
+    if is_traceable_wrapper_subclass(tensor):
+        attributes, _ = tensor.__tensor_flatten__()
+        for attribute in attributes:
+            yield from _flatten(f"{name}/{attribute}", getattr(tensor, attribute))
+    else:
+        yield name, tensor
+
+
+def plain_tensors(module: torch.nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
+    """``module``'s parameters and buffers as plain tensors, a quantized weight as its parts."""
+    for name, tensor in _tensors(module):
+        yield from _flatten(name, tensor)
+
+
+def _rebuilt(name: str, tensor: torch.Tensor, storage: Callable[[str], torch.Tensor]) -> torch.Tensor:
+    if not is_traceable_wrapper_subclass(tensor):
+        return storage(name)
+    attributes, context = tensor.__tensor_flatten__()
+    parts = {a: _rebuilt(f"{name}/{a}", getattr(tensor, a), storage) for a in attributes}
+    return type(tensor).__tensor_unflatten__(parts, context, tensor.size(), tensor.stride())
+
+
+def _repoint(
+    module: torch.nn.Module, name: str, tensor: torch.Tensor, storage: Callable[[str], torch.Tensor]
+) -> None:
+    """Make ``module``'s parameter or buffer ``name`` (now ``tensor``) use the plain tensors that
+    ``storage`` gives for its plain names: in place for a plain tensor, a new subclass around them for a
+    quantized one."""
+    if not is_traceable_wrapper_subclass(tensor):
+        tensor.data = storage(name)
+        return
+    owner_name, _, attribute = name.rpartition(".")
+    owner = module.get_submodule(owner_name)
+    rebuilt = _rebuilt(name, tensor, storage)
+    if attribute in owner._parameters:
+        owner._parameters[attribute] = torch.nn.Parameter(rebuilt, requires_grad=False)
+    else:
+        owner._buffers[attribute] = rebuilt
+
+
+def _repoint_all(module: torch.nn.Module, storage: Callable[[str], torch.Tensor]) -> None:
+    for name, tensor in list(_tensors(module)):
+        _repoint(module, name, tensor, storage)
 
 
 def _round_up(size: int, multiple: int) -> int:
@@ -109,6 +220,11 @@ class HostCopies:
             weakref.finalize(self, cudart.cudaHostUnregister, self._buffer.data_ptr())
         self.tensors: dict[str, torch.Tensor] = {}
 
+    @property
+    def nbytes(self) -> int:
+        """The buffer's size: the host memory these copies lock."""
+        return self._buffer.numel()
+
     def store(self, name: str, tensor: torch.Tensor) -> torch.Tensor:
         """Copy ``tensor`` into its place in the buffer; returns the host copy."""
         offset, nbytes, dtype, shape = self._layout[name]
@@ -119,13 +235,15 @@ class HostCopies:
 
 
 def move_to_host(module: torch.nn.Module) -> HostCopies:
-    """Host copies of ``module``'s parameters and buffers, which then point at them.
+    """Host copies of ``module``'s parameters and buffers (as plain tensors), which then point at them.
 
     Tensor by tensor, each original dropped as its copy is made: never both copies of the weights.
     """
-    copies = HostCopies(_tensors(module))
-    for name, tensor in _tensors(module):
-        tensor.data = copies.store(name, tensor)
+    copies = HostCopies(plain_tensors(module))
+    for name, tensor in list(_tensors(module)):
+        for plain_name, plain in _flatten(name, tensor):
+            copies.store(plain_name, plain)
+        _repoint(module, name, tensor, copies.tensors.__getitem__)
     return copies
 
 
@@ -141,28 +259,39 @@ class HostResidentModule:
         self.host = move_to_host(module)
 
     def load(self) -> None:
-        for name, tensor in _tensors(self.module):
-            tensor.data = self.host.tensors[name].to(self.device, non_blocking=True)
+        host = self.host.tensors
+        _repoint_all(self.module, lambda name: host[name].to(self.device, non_blocking=True))
 
     def offload(self) -> None:
-        for name, tensor in _tensors(self.module):
-            tensor.data = self.host.tensors[name]
+        _repoint_all(self.module, self.host.tensors.__getitem__)
+
+
+class BlockObserver(Protocol):
+    """What a transformer's forward loop tells about its blocks (:class:`_ObservedBlocks`)."""
+
+    def before_block(self, index: int) -> None:
+        """Block ``index`` is about to run."""
+
+    def block_enqueued(self, index: int) -> None:
+        """Block ``index``'s kernels are all enqueued: after them, its weights may be overwritten."""
 
 
 class _ObservedBlocks(torch.nn.ModuleList):
-    """A transformer's blocks that report, as the forward loop takes the next one, that the previous
-    block's kernels are all enqueued: the point after which its weights may be overwritten."""
+    """A transformer's blocks that report to an observer as the forward loop takes each one: before it
+    runs, and once the previous block's kernels are all enqueued. The loop is outside the compiled
+    blocks, so the reports are plain host code, never traced."""
 
-    def __init__(self, blocks: torch.nn.ModuleList, block_enqueued: Callable[[int], None]) -> None:
+    def __init__(self, blocks: torch.nn.ModuleList, observer: BlockObserver) -> None:
         super().__init__(blocks)
-        self._block_enqueued = block_enqueued
+        self._observer = observer
 
     def __iter__(self) -> Iterator[torch.nn.Module]:
         for index, block in enumerate(super().__iter__()):
             if index:
-                self._block_enqueued(index - 1)
+                self._observer.block_enqueued(index - 1)
+            self._observer.before_block(index)
             yield block
-        self._block_enqueued(len(self) - 1)
+        self._observer.block_enqueued(len(self) - 1)
 
 
 class ExpertSlot:
@@ -180,8 +309,8 @@ class ExpertSlot:
     """
 
     def __init__(self, experts: dict[str, torch.nn.Module], device: torch.device) -> None:
-        shapes = {name: {key: t.shape for key, t in _tensors(m)} for name, m in experts.items()}
-        if len({tuple(s.items()) for s in shapes.values()}) != 1:
+        shapes = {name: _layout(m) for name, m in experts.items()}
+        if len(set(shapes.values())) != 1:
             raise ValueError(f"experts {sorted(experts)} differ in architecture: they cannot share a slot")
         self.device = device
         self.host = {name: move_to_host(module) for name, module in experts.items()}
@@ -202,9 +331,8 @@ class ExpertSlot:
         # Switches to an expert that was not streamed in, copied in whole before it ran.
         self.unstreamed_switches = 0
         for name, module in experts.items():
-            for key, tensor in _tensors(module):
-                tensor.data = self.slot[key]
-            module.blocks = _ObservedBlocks(module.blocks, self._block_enqueued)
+            _repoint_all(module, self.slot.__getitem__)
+            module.blocks = _ObservedBlocks(module.blocks, self)
             module.register_forward_pre_hook(self._before_forward(name))
             module.register_forward_hook(self._after_forward)
         self.copy_whole(next(iter(experts)))
@@ -239,7 +367,10 @@ class ExpertSlot:
         self._copy(name, list(self.slot))
         self._landed(name)
 
-    def _block_enqueued(self, index: int) -> None:
+    def before_block(self, index: int) -> None:
+        """Every block of the holder is in the slot before its forward starts: nothing to do."""
+
+    def block_enqueued(self, index: int) -> None:
         if self._incoming is not None:
             self._copy(self._incoming, self._block_keys[index])
 
@@ -262,3 +393,135 @@ class ExpertSlot:
             self._copy(self._incoming, self._other_keys)
             self._landed(self._incoming)
             self._incoming = None
+
+
+def _layout(module: torch.nn.Module) -> tuple[tuple[str, torch.Size, torch.dtype], ...]:
+    """What must match for two modules to share GPU tensors: their plain tensors' names, shapes, dtypes."""
+    return tuple((name, t.shape, t.dtype) for name, t in plain_tensors(module))
+
+
+class BlockRing:
+    """Every expert's transformer blocks streamed through a ring of a few blocks' worth of GPU memory.
+
+    For GPUs that cannot hold one expert (an A14B expert is 28.6 GB in bf16; a 24 GB card). The
+    blocks' weights live in pinned host memory, one registered buffer per expert (:class:`HostCopies`);
+    on the GPU there are ``slots`` sets of one block's tensors, and block ``i`` of every expert points at
+    set ``i % slots`` for good: a block's tensors never move, so compiled blocks see the same tensors at
+    every call and nothing is allocated per step. As the forward loop finishes enqueueing block ``i``,
+    block ``i + slots`` is copied into the set it used, on a stream of its own, after block ``i``'s
+    kernels (an event); block ``i + slots`` waits for its copy on the GPU, the host never does. After a
+    forward's last blocks the ring fills with the first blocks of the next forward: the same expert's,
+    or the one named by :meth:`next_forward_is` (the generator knows the schedule). Whatever was not
+    prefetched is copied before it runs (:attr:`unprefetched_blocks` counts those), so the frames are
+    the resident ones, bit for bit, whatever the order.
+
+    This is our own rather than diffusers' group offloading with streams: group offloading pins each
+    tensor on its own (PyTorch's pinned allocator rounds each up to a power of two, up to 2x host
+    memory, and a 24 GB card's host often has less than two experts' worth to spare), gives each expert
+    its own GPU copies and allocates them at every onload; the ring keeps one buffer per expert in host
+    memory, one set of ``slots`` blocks on the GPU for both experts, and the prefetch across the switch.
+    Embedders and output layers (under 1 % of an expert) stay on the GPU.
+    """
+
+    def __init__(
+        self, experts: dict[str, torch.nn.Module], device: torch.device, slots: int = BLOCK_RING_SLOTS
+    ) -> None:
+        layouts = {_layout(block) for module in experts.values() for block in module.blocks}
+        if len(layouts) != 1:
+            raise ValueError(f"the blocks of {sorted(experts)} differ in architecture: no ring for them")
+        self.block_count = len(next(iter(experts.values())).blocks)
+        if not 1 <= slots <= self.block_count:
+            raise ValueError(f"a ring of {slots} blocks for a model of {self.block_count}: too many or none")
+        self.device, self.slots = device, slots
+        # Each expert's blocks in host memory, named "index.tensor" as in the ModuleList.
+        self.host = {name: move_to_host(module.blocks) for name, module in experts.items()}
+        first_block = next(iter(experts.values())).blocks[0]
+        self._keys = [key for key, _ in plain_tensors(first_block)]
+        self.ring = [
+            {key: torch.empty_like(t, device=device) for key, t in plain_tensors(first_block)}
+            for _ in range(slots)
+        ]
+        self._copy_stream = torch.cuda.Stream(device) if device.type == "cuda" else None
+        # (expert, block) in each set, or on its way there.
+        self._held: list[tuple[str, int] | None] = [None] * slots
+        self._copied: list[torch.cuda.Event | None] = [None] * slots  # each set's last copy landed
+        self._released: list[torch.cuda.Event | None] = [None] * slots  # its last reader's kernels ran
+        self._running: str | None = None
+        self._next: str | None = None  # the expert of the forward after the running one, when told
+        # Blocks copied in only as they were needed: the GPU waited for their copy (the host never does).
+        self.unprefetched_blocks = 0
+        self.blocks_copied = 0
+        for name, module in experts.items():
+            for index, block in enumerate(module.blocks):
+                _repoint_all(block, self.ring[index % slots].__getitem__)
+            module.blocks = _ObservedBlocks(module.blocks, self)
+            module.register_forward_pre_hook(self._before_forward(name))
+            module.register_forward_hook(self._after_forward)
+
+    @property
+    def host_bytes(self) -> int:
+        """Pinned host memory the ring's experts' blocks take."""
+        return sum(copies.nbytes for copies in self.host.values())
+
+    @property
+    def gpu_bytes(self) -> int:
+        """GPU memory the ring takes: ``slots`` blocks."""
+        return sum(t.numel() * t.element_size() for tensors in self.ring for t in tensors.values())
+
+    def bytes_per_forward(self) -> int:
+        """Bytes copied in per forward: one expert's blocks."""
+        return self.gpu_bytes // self.slots * self.block_count
+
+    def next_forward_is(self, name: str) -> None:
+        """The forward after the running (or next) one is expert ``name``'s: prefetch its first blocks."""
+        self._next = name
+
+    def before_block(self, index: int) -> None:
+        if self._running is None:
+            return  # the blocks iterated outside a forward: nothing runs
+        slot = index % self.slots
+        wanted = (self._running, index)
+        if self._held[slot] != wanted:
+            self.unprefetched_blocks += 1
+            self._fill(slot, *wanted)
+        if self._copied[slot] is not None:
+            torch.cuda.current_stream(self.device).wait_event(self._copied[slot])
+            self._copied[slot] = None
+
+    def block_enqueued(self, index: int) -> None:
+        if self._running is None:
+            return
+        slot = index % self.slots
+        if self._copy_stream is not None:
+            self._released[slot] = torch.cuda.current_stream(self.device).record_event()
+        following = index + self.slots
+        if following < self.block_count:
+            self._fill(slot, self._running, following)
+        else:
+            self._fill(slot, self._next or self._running, following - self.block_count)
+
+    def _fill(self, slot: int, expert: str, index: int) -> None:
+        """Copy expert ``expert``'s block ``index`` into set ``slot``, once that set's last reader ran."""
+        host = self.host[expert].tensors
+        target = self.ring[slot]
+        self._held[slot] = (expert, index)
+        self.blocks_copied += 1
+        if self._copy_stream is None:
+            for key in self._keys:
+                target[key].copy_(host[f"{index}.{key}"])
+            return
+        if self._released[slot] is not None:
+            self._copy_stream.wait_event(self._released[slot])
+        with torch.cuda.stream(self._copy_stream):
+            for key in self._keys:
+                target[key].copy_(host[f"{index}.{key}"], non_blocking=True)
+        self._copied[slot] = self._copy_stream.record_event()
+
+    def _before_forward(self, name: str) -> Callable[..., None]:
+        def before(module: torch.nn.Module, args: tuple) -> None:
+            self._running = name
+
+        return before
+
+    def _after_forward(self, module: torch.nn.Module, args: tuple, output: object) -> None:
+        self._running = self._next = None

@@ -52,6 +52,11 @@ class ModelSpec:
     num_frames: int
     sizes: tuple[tuple[int, int], ...]  # allowed (width, height); the first is the default
     architecture: Architecture
+    # GPU memory of the VAE's decode per output pixel of one frame, weights included: it decodes a latent
+    # frame per call, so the peak grows with the frame's size, not the clip's length. Measured peaks at
+    # 720p (bench.engine --decode-study, H100, 2026-12-06): 11.3 GiB for the 2.1 VAE at 1280x720 and
+    # 12.9 GiB for the 2.2 VAE at 1280x704, rounded up. The memory plan tiles the decode past it.
+    vae_decode_bytes_per_pixel: int
     negative_prompt: str = WAN_NEGATIVE_PROMPT
     max_frames: int = 121
     max_sequence_length: int = 512
@@ -110,6 +115,9 @@ _UMT5_XXL = {
     "is_gated_act": True,
 }
 _WAN21_VAE = {"base_dim": 96, "z_dim": 16, "dim_mult": [1, 2, 4, 4], "num_res_blocks": 2}
+# 11.3 GiB / (1280 x 720) and 12.9 GiB / (1280 x 704), rounded up (ModelSpec.vae_decode_bytes_per_pixel).
+_WAN21_VAE_DECODE_BYTES_PER_PIXEL = 13_500
+_WAN22_VAE_DECODE_BYTES_PER_PIXEL = 15_500
 _WAN22_VAE = {
     "base_dim": 160,
     "decoder_base_dim": 256,
@@ -145,6 +153,7 @@ T2V_A14B = ModelSpec(
     num_frames=81,
     sizes=_A14B_SIZES,
     architecture=Architecture(_a14b_transformer(16), _WAN21_VAE, _UMT5_XXL),
+    vae_decode_bytes_per_pixel=_WAN21_VAE_DECODE_BYTES_PER_PIXEL,
     max_frames=81,
 )
 
@@ -165,6 +174,7 @@ I2V_A14B = ModelSpec(
     sizes=_A14B_SIZES,
     # 16 noise channels + 4 mask channels + 16 channels of the encoded first frame.
     architecture=Architecture(_a14b_transformer(36), _WAN21_VAE, _UMT5_XXL),
+    vae_decode_bytes_per_pixel=_WAN21_VAE_DECODE_BYTES_PER_PIXEL,
     max_frames=81,
 )
 
@@ -202,6 +212,7 @@ TI2V_5B = ModelSpec(
         _WAN22_VAE,
         _UMT5_XXL,
     ),
+    vae_decode_bytes_per_pixel=_WAN22_VAE_DECODE_BYTES_PER_PIXEL,
 )
 
 # Tiny components follow diffusers' own Wan2.2 fast tests (2 layers, 2 heads of 12, VAE base_dim 3).

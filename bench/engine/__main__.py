@@ -4,6 +4,7 @@
     python -m bench.engine --config ti2v5b_720p --tiny --steps 2 --out DIR   # CPU smoke test
     python -m bench.engine --config a14b_t2v_480p --distilled [--budget-s S] --out DIR
     python -m bench.engine --config ti2v5b_720p --decode-study --out DIR
+    python -m bench.engine --config a14b_t2v_480p --small-card 3 [--weights-8bit fp8] --out DIR
 
 Run from the repository root on the GPU machine (see bench/README.md for the exact commands used).
 One study per command, each a module of bench/engine/: by default ``compare``, one clip through
@@ -32,6 +33,7 @@ from bench.engine import (
     distilled,
     error,
     memory,
+    small_card,
     streaming,
     summary,
     throughput,
@@ -63,6 +65,15 @@ def main() -> None:
         "--gpu-memory-gib",
         type=float,
         help="with --memory-check: use only this much GPU memory, as on a smaller card",
+    )
+    parser.add_argument(
+        "--small-card",
+        type=int,
+        metavar="STEPS",
+        help="the model held to --gpu-memory-gib (default 22), weights from host memory, against resident",
+    )
+    parser.add_argument(
+        "--weights-8bit", choices=["fp8", "int8"], help="with --small-card: weights stored in 8 bits"
     )
     parser.add_argument(
         "--streaming-check",
@@ -116,6 +127,10 @@ def main() -> None:
         approximate.run(args.config, args.out, variant, args.modes)
     elif args.throughput:
         throughput.run(args.config, args.out)
+    elif args.small_card:
+        small_card.run(
+            args.config, args.small_card, args.out, args.gpu_memory_gib or 22.0, args.weights_8bit, variant
+        )
     elif args.streaming_check:
         streaming.run(args.config, args.streaming_check, args.out)
     elif args.memory_check:
