@@ -21,9 +21,10 @@ import numpy as np
 from tasks.encode import encode_mp4, encode_thumbnail
 from tasks.postprod.content_filter import FrameClassifier, FrameDecision
 from tasks.postprod.ffmpeg_io import filter_frames, raw_input, raw_output
-from tasks.postprod.invisible import embed_watermark, format_payload, payload_for
+from tasks.postprod.invisible import format_payload, payload_for
 from tasks.postprod.motion import conform, stabilize
 from tasks.postprod.overlay import WatermarkStamps, apply_visible_watermark
+from tasks.postprod.periodic_mark import embed_periodic_mark
 from tasks.postprod.preview import write_preview
 from tasks.postprod.profile import DeliveryParams, PostprocessProfile
 from tasks.postprod.provenance import ProvenanceFacts, ProvenanceParams, sign_clip
@@ -116,7 +117,7 @@ def finish_frames(
     stages.append(report)
     payload = payload_for(clip.clip_id, run_id)
     with _stage("invisible_watermark"):
-        frames, report = embed_watermark(frames, payload, profile.invisible_watermark)
+        frames, report = embed_periodic_mark(frames, payload, profile.invisible_watermark)
     stages.append(report)
     payload_hex = format_payload(payload) if report.applied else None
 

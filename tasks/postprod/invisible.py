@@ -1,4 +1,8 @@
-"""Invisible watermark: a 48-bit clip identifier hidden in the frames' chroma.
+"""Invisible watermark: a 48-bit clip identifier hidden in the frames' chroma (the first mark).
+
+Profiles now embed the periodic luma mark (:mod:`tasks.postprod.periodic_mark`), which survives
+resizes and crops; this one stays to read clips made before it, and ``payload_for`` /
+``format_payload`` / :func:`decoded_frames` serve both.
 
 Uses invisible-watermark's ``dwtDctSvd`` method (the one that survives H.264): the U
 plane goes through a Haar DWT, and in each block of the approximation band (8x8 there,
@@ -141,9 +145,19 @@ class WatermarkReading:
         """The bits' mean strength (0 when nothing was read)."""
         return float(np.mean(self.strength)) if self.strength else 0.0
 
+    def summary(self) -> str:
+        """One line for a person: found or not, the payload and how sure."""
+        if self.payload is None:
+            return f"not read ({self.problem})"
+        return (
+            f"{'found' if self.found else 'not found'} (dwtDctSvd), payload {self.payload_hex}, confidence"
+            f" {self.confidence:.2f}, strength {self.mean_strength:.2f} over {self.frames_read} frames"
+        )
+
     def to_dict(self) -> dict[str, Any]:
         """The reading as JSON-ready values."""
         return {
+            "method": "dwtDctSvd",
             "found": self.found,
             "payload_hex": self.payload_hex,
             "frames_read": self.frames_read,
@@ -397,16 +411,19 @@ def extract_watermark(
     return _read(frames, params)
 
 
-class _DecodeFailed(Exception):
-    pass
+class DecodeFailed(Exception):
+    """ffmpeg could not decode a video (the message says why)."""
 
 
-def _decoded_frames(path: Path) -> Iterator[np.ndarray]:
-    """``path``'s video frames as uint8 RGB, one at a time (a whole 1280x704 clip is 327 MB)."""
+def decoded_frames(path: Path) -> Iterator[np.ndarray]:
+    """``path``'s video frames as uint8 RGB, one at a time (a whole 1280x704 clip is 327 MB).
+
+    Raises :class:`DecodeFailed` with ffmpeg's reason when the file cannot be decoded.
+    """
     try:
         stream = ffmpeg.probe(str(path), select_streams="v:0")["streams"][0]
     except (ffmpeg.Error, IndexError) as err:
-        raise _DecodeFailed(f"no video stream ffprobe can read in {path}") from err
+        raise DecodeFailed(f"no video stream ffprobe can read in {path}") from err
     width, height = int(stream["width"]), int(stream["height"])
     args = ffmpeg.input(str(path)).output("pipe:", format="rawvideo", pix_fmt="rgb24").compile()
     args[1:1] = ["-hide_banner", "-nostats", "-loglevel", "error"]
@@ -427,7 +444,7 @@ def _decoded_frames(path: Path) -> Iterator[np.ndarray]:
         if proc.returncode != 0:
             log.seek(0)
             tail = log.read().decode(errors="replace")[-600:]
-            raise _DecodeFailed(f"ffmpeg could not decode {path} (exit {proc.returncode}): {tail}")
+            raise DecodeFailed(f"ffmpeg could not decode {path} (exit {proc.returncode}): {tail}")
 
 
 def read_watermark_file(
@@ -438,6 +455,6 @@ def read_watermark_file(
     Never raises on a bad file: one ffmpeg cannot decode gives a reading with a ``problem``.
     """
     try:
-        return _read(_decoded_frames(Path(path)), params)
-    except _DecodeFailed as err:
+        return _read(decoded_frames(Path(path)), params)
+    except DecodeFailed as err:
         return WatermarkReading(found=False, payload=None, frames_read=0, problem=str(err))

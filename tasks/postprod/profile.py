@@ -19,10 +19,10 @@ from pydantic import ValidationError
 
 from catalogs.problems import InputError
 from tasks.postprod.content_filter import FrameFilterParams
-from tasks.postprod.invisible import InvisibleWatermarkParams, watermark_size_problem
 from tasks.postprod.motion import ConformParams, StabilizeParams
 from tasks.postprod.overlay import VisibleWatermarkParams
 from tasks.postprod.params import stage_params
+from tasks.postprod.periodic_mark import PeriodicMarkParams, periodic_size_problem
 from tasks.postprod.preview import PreviewParams
 
 DEFAULT_PROFILES_PATH = Path(__file__).with_name("profiles") / "default.toml"
@@ -78,7 +78,7 @@ class PostprocessProfile:
     logo_uri: str | None = None
     logo_location: str | None = None
     logo_sha256: str | None = None
-    invisible_watermark: InvisibleWatermarkParams = InvisibleWatermarkParams()
+    invisible_watermark: PeriodicMarkParams = PeriodicMarkParams()
     content_filter: FrameFilterParams = FrameFilterParams()
     provenance: ProvenanceSwitch = ProvenanceSwitch()
     preview: PreviewParams = PreviewParams()
@@ -118,7 +118,7 @@ class PostprocessProfile:
         if not self.invisible_watermark.enabled:
             return None
         delivered = self.delivery.delivered_size(width, height)
-        problem = watermark_size_problem(*delivered, self.invisible_watermark)
+        problem = periodic_size_problem(*delivered)
         if problem and delivered != (width, height):
             problem = f"delivered at {delivered[0]}x{delivered[1]}: {problem}"
         return problem
@@ -136,7 +136,7 @@ _SECTIONS: dict[str, type] = {
     "stabilize": StabilizeParams,
     "conform": ConformParams,
     "visible_watermark": VisibleWatermarkParams,
-    "invisible_watermark": InvisibleWatermarkParams,
+    "invisible_watermark": PeriodicMarkParams,
     "content_filter": FrameFilterParams,
     "provenance": ProvenanceSwitch,
     "preview": PreviewParams,

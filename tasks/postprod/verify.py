@@ -2,9 +2,12 @@
 
 The two marks back each other up. The manifest is signed and states the clip and run but
 lives in the file's container, so any re-encode drops it; the watermark lives in the pixels
-and survives a re-encode, but only carries 48 bits. A clip verifies when its
-manifest is intact, trusted and labelled as AI-generated, and its watermark carries the
-payload derived from the manifest's clip and run ids.
+and survives a re-encode, a resize, a crop and a frame-rate change, but only carries 48 bits.
+A clip verifies when its manifest is intact, trusted and labelled as AI-generated, and its
+watermark carries the payload derived from the manifest's clip and run ids.
+
+The watermark is read as the periodic luma mark (:mod:`tasks.postprod.periodic_mark`); when
+that is not found, as the dwtDctSvd chroma mark that clips made before it carry.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ from tasks.postprod.invisible import (
     payload_for,
     read_watermark_file,
 )
+from tasks.postprod.periodic_mark import PeriodicReading, read_periodic_mark_file
 from tasks.postprod.provenance import ProvenanceParams, ProvenanceReading, read_provenance
 
 
@@ -34,7 +38,7 @@ class VerifyReport:
 
     path: str
     provenance: ProvenanceReading
-    watermark: WatermarkReading
+    watermark: PeriodicReading | WatermarkReading
     expected_payload_hex: str | None
     problems: tuple[str, ...]
 
@@ -60,15 +64,9 @@ class VerifyReport:
             lines += [f"    validation error: {error}" for error in prov.validation_errors]
         else:
             lines.append(f"  C2PA manifest: none ({prov.error})")
-        if mark.payload is None:
-            lines.append(f"  watermark: not read ({mark.problem})")
-        else:
-            verdict = "found" if mark.found else "not found"
-            expected = self.expected_payload_hex or "unknown"
-            lines.append(
-                f"  watermark: {verdict}, payload {mark.payload_hex} (expected {expected}), confidence"
-                f" {mark.confidence:.2f}, strength {mark.mean_strength:.2f} over {mark.frames_read} frames"
-            )
+        lines.append(f"  watermark: {mark.summary()}")
+        if mark.payload is not None:
+            lines.append(f"    expected payload {self.expected_payload_hex or 'unknown'}")
         return "\n".join(lines)
 
     def to_dict(self) -> dict[str, Any]:
@@ -83,7 +81,9 @@ class VerifyReport:
         }
 
 
-def _problems(prov: ProvenanceReading, mark: WatermarkReading, expected: int | None) -> list[str]:
+def _problems(
+    prov: ProvenanceReading, mark: PeriodicReading | WatermarkReading, expected: int | None
+) -> list[str]:
     problems = []
     if not prov.has_manifest:
         problems.append(prov.error or "no C2PA manifest")
@@ -110,11 +110,16 @@ def verify_clip(
     ``trust`` is a trust anchor PEM path, or provenance params whose ``trust_anchor`` is used;
     without one, only c2pa's built-in trust list counts, so a development chain reads
     Valid, not Trusted, and the clip does not verify. ``watermark`` must match the
-    embedder's params (default: the defaults). Never raises on a bad or foreign file.
+    embedder's params for the dwtDctSvd mark of older clips (default: its defaults); the periodic
+    mark needs none. Never raises on a bad or foreign file.
     """
     anchor = trust.trust_anchor if isinstance(trust, ProvenanceParams) else trust
     prov = read_provenance(path, anchor)
-    mark = read_watermark_file(path, watermark or InvisibleWatermarkParams())
+    mark: PeriodicReading | WatermarkReading = read_periodic_mark_file(path)
+    if not mark.found and mark.problem is None:
+        legacy = read_watermark_file(path, watermark or InvisibleWatermarkParams())
+        if legacy.found:
+            mark = legacy
     expected = payload_for(prov.clip_id, prov.run_id) if prov.clip_id and prov.run_id else None
     return VerifyReport(
         path=str(path),
