@@ -2,8 +2,8 @@
 # Pack what the GPU image lacks into carries for the device tool.
 #
 # bench/gpu-bundle.sh engine: one carry, .gpu/engine, for python3 -m bench.engine and bench.attention:
-#   diffusers, ftfy, the kernels package diffusers checks for, peft (diffusers' LoRA backend), and
-#   FlashAttention's CuTe-DSL kernels as infra/flash_attention.sh installs them. Start the run with
+#   diffusers, ftfy, the kernels package diffusers checks for, peft (diffusers' LoRA backend), torchao
+#   (the 8-bit modes), and FlashAttention's CuTe-DSL kernels as infra/flash_attention.sh installs them. Start the run with
 #   `source .gpu/engine/add.sh`: it unpacks into /tmp/site and sets PYTHONPATH.
 #
 # peft: the image lists one, of a version nobody has read there; the engine needs >= 0.17 (pyproject)
@@ -34,7 +34,8 @@ download() {
 }
 if [ "${1:-fleet}" = engine ]; then
   # No dependencies: the image has diffusers' own, and kernels is only checked for by version.
-  download --no-deps -d "$tmp/whl" diffusers==0.42.1 ftfy wcwidth kernels==0.17.2 "peft==$PEFT_VERSION"
+  download --no-deps -d "$tmp/whl" diffusers==0.42.1 ftfy wcwidth kernels==0.17.2 "peft==$PEFT_VERSION" \
+    torchao==0.17.0
   for w in "$tmp"/whl/*.whl; do unzip -q -o "$w" -d "$tmp/site"; done
   bash "$root/infra/flash_attention.sh" "$tmp/site" --python-version 3.12 --implementation cp \
     --only-binary=:all: --ignore-requires-python "${plat[@]}" 2> >(grep -v "^WARNING: Location" >&2)
