@@ -273,3 +273,26 @@ def test_8bit_weights_halve_the_blocks_and_stream_like_the_rest(t2v_folder, kind
 def test_8bit_modes_refuse_what_cannot_run(t2v_folder):
     with pytest.raises(ValueError, match="choose one"):
         load(t2v_folder, fp8_matmuls=True, weights_8bit="int8")
+
+
+def test_a_decode_out_of_gpu_memory_is_retried_in_tiles(t2v_folder, monkeypatch):
+    import wan_engine.generator
+
+    generator = load(t2v_folder)
+    request = GenerationRequest(prompt="a red sneaker on a turntable", seed=1, steps=2)
+    expected = generator.generate(request).frames
+    whole_frame_decode = wan_engine.generator.decode_latents
+    decodes = []
+
+    def runs_out_untiled(vae, latents, options):
+        decodes.append(vae.use_tiling)
+        if not vae.use_tiling or len(decodes) > 2:
+            raise torch.OutOfMemoryError("CUDA out of memory (injected)")
+        return whole_frame_decode(vae, latents, options)
+
+    monkeypatch.setattr(wan_engine.generator, "decode_latents", runs_out_untiled)
+    # The tiny frames are smaller than one tile: the tiled decode gives the same frames.
+    assert np.array_equal(generator.generate(request).frames, expected)
+    assert decodes == [False, True] and generator.memory_plan.tile_decode
+    with pytest.raises(torch.OutOfMemoryError):  # out of memory in tiles too: nothing smaller to try
+        generator.generate(request)

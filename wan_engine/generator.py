@@ -697,7 +697,20 @@ class WanGenerator:
         return self.to_frames(self.decode_video(latents))
 
     def decode_video(self, latents: torch.Tensor) -> torch.Tensor:
-        """The VAE's video, ``(1, 3, frames, height, width)`` in [-1, 1], from final latents."""
+        """The VAE's video, ``(1, 3, frames, height, width)`` in [-1, 1], from final latents.
+
+        A whole-frame decode that runs out of GPU memory (the memory plan's estimate was short: another
+        process on the GPU, a larger clip than planned) is retried in tiles, and the VAE tiles from then
+        on: the clip is not lost, and the plan records it."""
+        try:
+            return decode_latents(self.pipeline.vae, latents, self.vae_decode)
+        except torch.OutOfMemoryError:
+            if self.memory_plan.tile_decode:
+                raise
+        log.warning("VAE decode out of GPU memory: decoding in tiles from now on model=%s", self.spec.name)
+        torch.cuda.empty_cache()
+        self.pipeline.vae.enable_tiling()
+        self.memory_plan = replace(self.memory_plan, tile_decode=True)
         return decode_latents(self.pipeline.vae, latents, self.vae_decode)
 
     @staticmethod
