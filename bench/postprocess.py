@@ -13,6 +13,11 @@ post-processes as many clips in parallel as it has cores.
 
 ``cores_per_gpu`` = a clip's post-production CPU seconds / the GPU seconds that clip takes to
 generate (bench/results/engine-latest.json, exact mode): the cores one GPU keeps busy.
+
+``watermark_stages`` times the invisible watermark's two embedders side by side on the same
+frames, in the same run: the dwtDctSvd chroma mark the profiles used before issue 17
+(``tasks.postprod.invisible``) and the periodic luma mark that replaced it
+(``tasks.postprod.periodic_mark``), with the new one's cost as a ratio of the old.
 """
 
 from __future__ import annotations
@@ -34,7 +39,9 @@ from bench.common import cpu_name
 from catalogs.problems import RowRef
 from tasks.postprod.chain import ChainTools, finish_frames
 from tasks.postprod.content_filter import FrameClassifier
+from tasks.postprod.invisible import embed_watermark
 from tasks.postprod.overlay import WatermarkStamps
+from tasks.postprod.periodic_mark import embed_periodic_mark
 from tasks.postprod.profile import PostprocessProfile, load_profiles
 from tasks.postprod.provenance import ProvenanceParams, ensure_dev_certificate_chain
 from tasks.records import ClipSpec, GeneratedClip
@@ -126,6 +133,26 @@ def measure(profile: PostprocessProfile, repeats: int) -> dict:
     return per_size
 
 
+def watermark_stages(repeats: int) -> dict:
+    """Median CPU seconds of the old (dwtDctSvd) and new (periodic) watermark stages on the same frames."""
+    per_size = {}
+    for name, (width, height, frames, _) in SIZES.items():
+        clip = shaky_scene(width, height, frames)
+        old = statistics.median(embed_watermark(clip, 0xA1B2C3D4E5F6)[1].cpu_seconds for _ in range(repeats))
+        new_reports = [embed_periodic_mark(clip, 0xA1B2C3D4E5F6)[1] for _ in range(repeats)]
+        new = statistics.median(report.cpu_seconds for report in new_reports)
+        per_size[name] = {
+            "dwtdctsvd_cpu_s": round(old, 3),
+            "periodic_cpu_s": round(new, 3),
+            "periodic_over_dwtdctsvd": round(new / old, 3),
+            "dwtdctsvd_ms_per_frame": round(1000 * old / frames, 2),
+            "periodic_ms_per_frame": round(1000 * new / frames, 2),
+            "periodic_min_psnr_db": new_reports[0].outcome["min_psnr_db"],
+        }
+        print("watermark stages", name, json.dumps(per_size[name]), flush=True)
+    return per_size
+
+
 def cores_per_gpu(per_size: dict) -> dict:
     """For each model: its clip's post-production CPU seconds over its GPU seconds per clip."""
     engine = json.loads(ENGINE_RESULTS.read_text())
@@ -144,6 +171,7 @@ def cores_per_gpu(per_size: dict) -> dict:
 
 def run(out_dir: Path, repeats: int, profile_names: list[str]) -> dict:
     profiles = load_profiles()
+    stages = watermark_stages(max(repeats, 3))
     measured = {name: measure(profiles[name], repeats) for name in profile_names}
     first = profile_names[0]
     result = {
@@ -155,6 +183,7 @@ def run(out_dir: Path, repeats: int, profile_names: list[str]) -> dict:
         "repeats": repeats,
         "per_clip_size": measured[first],
         "cores_per_gpu": cores_per_gpu(measured[first]),
+        "watermark_stages": stages,
         "profiles": {
             name: {"per_clip_size": sizes, "cores_per_gpu": cores_per_gpu(sizes)}
             for name, sizes in measured.items()
