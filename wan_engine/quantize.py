@@ -64,5 +64,6 @@ def quantize_weights_8bit(module: torch.nn.Module, kind: Weights8Bit) -> None:
     if kind not in WEIGHTS_8BIT:
         raise ValueError(f"weights_8bit {kind!r}: choose one of {', '.join(WEIGHTS_8BIT)}")
     # Both are per output channel: torchao's weight-only configs take one scale per row of the weight.
-    config = Float8WeightOnlyConfig() if kind == "fp8" else Int8WeightOnlyConfig()
+    # version 2: torchao's plain Int8Tensor (version 1, AffineQuantizedTensor, is deprecated).
+    config = Float8WeightOnlyConfig() if kind == "fp8" else Int8WeightOnlyConfig(version=2)
     quantize_(module, config, filter_fn=_block_linears_in_bf16)
